@@ -1,0 +1,255 @@
+"""The wire types of CONTRACT.md, as msgspec structs.
+
+Decoding is strict where the contract says a job is invalid and lenient where it says
+unknown fields are ignored, so that either side can add optional fields.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Final
+
+import msgspec
+
+CONTRACT_VERSION: Final = 1
+DEFAULT_MAX_JOB_BYTES: Final = 1024 * 1024
+
+ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}$"
+_ID_RE: Final = re.compile(ID_PATTERN)
+
+Ident = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
+
+
+class ErrorCode(StrEnum):
+    INVALID_JOB = "invalid_job"
+    UNKNOWN_MODEL = "unknown_model"
+    BAD_REQUEST = "bad_request"
+    PROVIDERS_UNAVAILABLE = "providers_unavailable"
+    INTERRUPTED = "interrupted"
+    EXPIRED = "expired"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+    INTERNAL = "internal"
+
+
+#: Codes whose jobs also go to the dead-letter stream (CONTRACT.md §2).
+DEAD_LETTER_CODES: Final = frozenset({ErrorCode.INVALID_JOB, ErrorCode.TOO_MANY_ATTEMPTS})
+
+
+class InvalidJob(ValueError):
+    """A job entry breaks CONTRACT.md §1; ``request_id`` is set when it could still be read."""
+
+    def __init__(self, reason: str, request_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+
+
+class InvalidMessage(ValueError):
+    """A reply or heartbeat payload is not a valid contract message."""
+
+
+# ---- §1 jobs --------------------------------------------------------------------------------
+
+
+class Params(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Generation options passed through to the provider; any other key is refused."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class Job(msgspec.Struct, omit_defaults=True):
+    request_id: Ident
+    tenant_id: Ident
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    messages: Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1)]
+    v: int = CONTRACT_VERSION
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    params: Params | None = None
+    deadline_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        for i, message in enumerate(self.messages):
+            if not isinstance(message.get("role"), str):
+                raise ValueError(f"messages[{i}] has no string `role`")
+
+    def provider_params(self) -> dict[str, Any]:
+        """The ``params`` that were set, as keyword arguments for the provider call."""
+        if self.params is None:
+            return {}
+        return {k: v for k, v in msgspec.structs.asdict(self.params).items() if v is not None}
+
+
+# ---- §2 replies -----------------------------------------------------------------------------
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class Chunk(msgspec.Struct, tag_field="type", tag="chunk"):
+    request_id: str
+    attempt: int
+    seq: int
+    text: str
+
+
+class _Answer(msgspec.Struct):
+    request_id: str
+    attempt: int
+    content: str
+    tool_calls: list[ToolCall]
+    usage: Usage
+    model: str
+    provider_model: str
+    finish_reason: str
+    cost_usd: float | None
+
+
+class Result(_Answer, tag_field="type", tag="result"):
+    """The only message of a non-streamed job."""
+
+
+class Done(_Answer, tag_field="type", tag="done", kw_only=True):
+    """The last message of a streamed job; ``seq`` is the number of chunks of its attempt."""
+
+    seq: int
+
+
+class Error(msgspec.Struct, tag_field="type", tag="error"):
+    request_id: str
+    attempt: int
+    code: str
+    message: str
+
+
+Reply = Chunk | Done | Result | Error
+Terminal = Done | Result | Error
+
+
+# ---- §6 liveness ----------------------------------------------------------------------------
+
+
+class Heartbeat(msgspec.Struct):
+    consumer: str
+    host: str
+    pid: int
+    version: str
+    started_at_ms: int
+    heartbeat_at_ms: int
+    in_flight: int
+    completed: int
+    failed: int
+
+
+# ---- encoding -------------------------------------------------------------------------------
+
+_encoder: Final = msgspec.json.Encoder()
+_job_decoder: Final = msgspec.json.Decoder(Job)
+_reply_decoder: Final[msgspec.json.Decoder[Reply]] = msgspec.json.Decoder(Reply)
+_heartbeat_decoder: Final = msgspec.json.Decoder(Heartbeat)
+
+
+class _RequestIdOnly(msgspec.Struct):
+    request_id: Any = None
+
+
+_request_id_decoder: Final = msgspec.json.Decoder(_RequestIdOnly)
+
+
+def encode(message: Job | Reply | Heartbeat) -> bytes:
+    return _encoder.encode(message)
+
+
+def readable_request_id(raw: bytes | str) -> str | None:
+    """The job's ``request_id`` if it can be read and is valid, so that the sender can be told."""
+    try:
+        rid = _request_id_decoder.decode(raw).request_id
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return rid if isinstance(rid, str) and _ID_RE.match(rid) else None
+
+
+def decode_job(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> Job:
+    """Decode the ``job`` field of a stream entry, or raise :class:`InvalidJob`."""
+    if raw is None:
+        raise InvalidJob("the entry has no `job` field")
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > max_bytes:
+        raise InvalidJob(f"the job is {size} bytes, over the limit of {max_bytes}", readable_request_id(raw))
+    try:
+        return _job_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidJob(str(exc), readable_request_id(raw)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJob(f"the job is not JSON: {exc}") from None
+
+
+def decode_reply(raw: bytes | str) -> Reply:
+    try:
+        return _reply_decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(str(exc)) from None
+
+
+def decode_heartbeat(raw: bytes | str) -> Heartbeat:
+    try:
+        return _heartbeat_decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(str(exc)) from None
+
+
+def is_terminal(message: Reply) -> bool:
+    return not isinstance(message, Chunk)
+
+
+# ---- keys -----------------------------------------------------------------------------------
+
+
+class Keys:
+    """Redis names of CONTRACT.md for one key prefix."""
+
+    def __init__(self, prefix: str = "llm") -> None:
+        self.prefix = prefix
+        self.jobs = f"{prefix}:jobs"
+        self.group = f"{prefix}:workers"
+        self.dead = f"{prefix}:jobs:dead"
+        self.cancel = f"{prefix}:cancel"
+
+    def reply(self, request_id: str) -> str:
+        return f"{self.prefix}:reply:{request_id}"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}:result:{request_id}"
+
+    def cancel_flag(self, request_id: str) -> str:
+        return f"{self.prefix}:cancel:{request_id}"
+
+    def worker(self, consumer: str) -> str:
+        return f"{self.prefix}:worker:{consumer}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+

@@ -1,0 +1,118 @@
+"""``llm-worker``: run a worker process, or send one job from the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+import uvloop
+
+from worker.logs import configure_logging
+from worker.settings import Settings
+
+log = structlog.get_logger("worker")
+
+RUN_FLAGS: dict[str, tuple[type, str]] = {
+    "redis_url": (str, "Redis URL (REDIS_URL)"),
+    "config": (Path, "model groups YAML (LLM_WORKER_CONFIG)"),
+    "prefix": (str, "key prefix (LLM_WORKER_PREFIX)"),
+    "concurrency": (int, "jobs in flight (LLM_WORKER_CONCURRENCY)"),
+    "heartbeat_s": (float, "liveness refresh interval (LLM_WORKER_HEARTBEAT_S)"),
+    "job_timeout_s": (float, "hard limit of one job (LLM_WORKER_JOB_TIMEOUT_S)"),
+    "shutdown_grace_s": (float, "SIGTERM grace period (LLM_WORKER_SHUTDOWN_GRACE_S)"),
+    "log_level": (str, "DEBUG, INFO, WARNING… (LLM_WORKER_LOG_LEVEL)"),
+    "log_format": (str, "auto, json or console (LLM_WORKER_LOG_FORMAT)"),
+}
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llm-worker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run one worker process (flags override the environment)")
+    for name, (kind, help_text) in RUN_FLAGS.items():
+        run.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
+    ask = commands.add_parser("ask", help="enqueue one job and print its answer (streamed with --stream)")
+    ask.add_argument("prompt")
+    ask.add_argument("--model", default="fast")
+    ask.add_argument("--stream", action="store_true")
+    ask.add_argument("--tenant", default="cli")
+    ask.add_argument("--timeout", type=float, default=120.0)
+    ask.add_argument("--redis-url", dest="redis_url")
+    ask.add_argument("--prefix")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
+    }
+    return Settings(**overrides)
+
+
+async def serve(settings: Settings) -> None:
+    from worker.consumer import Worker
+    from worker.model_config import load_model_config
+    from worker.router import ModelRouter
+
+    router = ModelRouter(load_model_config(settings.config))
+    await router.warm_up()
+    worker = Worker(settings, router)
+    signals = 0
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("signal received; finishing in-flight jobs", signal=sig.name)
+            worker.stop()
+        else:
+            log.warning("second signal; leaving in-flight jobs to other workers", signal=sig.name)
+            worker.abort()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    await worker.run()
+
+
+async def ask(settings: Settings, args: argparse.Namespace) -> int:
+    from contracts import Chunk
+    from worker.client import JobFailed, LLMClient
+
+    async with LLMClient.from_url(settings.redis_url.get_secret_value(), prefix=settings.prefix) as client:
+        messages = [{"role": "user", "content": args.prompt}]
+        request_id = uuid.uuid4().hex
+        try:
+            if not args.stream:
+                result = await client.complete(args.model, messages, tenant_id=args.tenant, request_id=request_id, timeout=args.timeout)
+                print(result.content)
+                print(json.dumps({"provider_model": result.provider_model, "usage": [result.usage.prompt_tokens, result.usage.completion_tokens], "cost_usd": result.cost_usd}), file=sys.stderr)
+                return 0
+            async for event in client.stream(args.model, messages, tenant_id=args.tenant, request_id=request_id, timeout=args.timeout):
+                if isinstance(event, Chunk):
+                    print(event.text, end="", flush=True)
+                else:
+                    print()
+                    print(json.dumps({"provider_model": event.provider_model, "chunks": event.seq, "usage": [event.usage.prompt_tokens, event.usage.completion_tokens], "cost_usd": event.cost_usd}), file=sys.stderr)
+        except JobFailed as exc:
+            print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    settings = settings_from(args)
+    configure_logging(settings.log_level, settings.log_format)
+    if args.command == "run":
+        uvloop.run(serve(settings))
+        sys.exit(0)
+    sys.exit(uvloop.run(ask(settings, args)))

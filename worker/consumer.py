@@ -1,0 +1,334 @@
+"""The consume loop: read jobs from the stream, run each through the router, answer, acknowledge.
+
+One worker process is one consumer of the group. It reads only as many entries as it has
+free slots, runs them concurrently, and acknowledges an entry only after its outcome is
+stored and published, so that a job whose worker dies is redelivered (CONTRACT.md §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from contracts import Done, Error, ErrorCode, Heartbeat, InvalidJob, Job, Keys, Result, Terminal, decode_job
+from worker import __version__
+from worker.assembly import Completion
+from worker.heartbeat import HeartbeatKeeper
+from worker.publisher import DeadLetter, Publisher, ReplyChannel
+from worker.router import ModelRouter, RouteError
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+StreamResponse = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(slots=True)
+class Entry:
+    """A stream entry this consumer owns; ``attempt`` is how often it has been delivered."""
+
+    id: bytes
+    fields: dict[bytes, bytes]
+    attempt: int = 1
+
+
+@dataclass(slots=True)
+class Stats:
+    completed: int = 0
+    failed: int = 0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def connect(settings: Settings, *, max_connections: int | None = None, single: bool = False) -> aioredis.Redis:
+    """A client; ``single`` gives blocking reads a connection of their own (PITFALLS: redis-py)."""
+    return aioredis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=5,
+        max_connections=max_connections,
+        single_connection_client=single,
+    )
+
+
+async def ensure_group(redis: aioredis.Redis, keys: Keys) -> None:
+    try:
+        await redis.xgroup_create(keys.jobs, keys.group, id="$", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class Worker:
+    def __init__(self, settings: Settings, router: ModelRouter, consumer: str | None = None) -> None:
+        self.settings = settings
+        self.router = router
+        self.keys = Keys(settings.prefix)
+        self.consumer = consumer or consumer_name()
+        self.started_at_ms = now_ms()
+        self.stats = Stats()
+        self.redis = connect(settings, max_connections=max(16, settings.concurrency + 8))
+        self.reader = connect(settings, single=True)
+        self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s)
+        self.heartbeat = HeartbeatKeeper(
+            self.redis, self.keys.worker(self.consumer), settings.heartbeat_s, self._heartbeat
+        )
+        self._tasks: dict[asyncio.Task[None], Entry] = {}
+        self._slot_free = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._cancelled: set[str] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop reading new jobs; in-flight ones get the shutdown grace period."""
+        self._stopping.set()
+        self._slot_free.set()
+
+    def abort(self) -> None:
+        """Stop at once: in-flight jobs stay pending for other workers."""
+        self.stop()
+        for task in self._tasks:
+            task.cancel()
+
+    async def run(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        log.info("worker starting", consumer=self.consumer, concurrency=self.settings.concurrency)
+        await self._until_redis(lambda: ensure_group(self.redis, self.keys))
+        await self.publisher.start()
+        await self.heartbeat.start()
+        log.info("worker ready", consumer=self.consumer, groups=sorted(self.router.groups))
+        if ready is not None:
+            await ready()
+        try:
+            await self._consume()
+            await self._drain()
+        finally:
+            await self.publisher.close()
+            await self.heartbeat.stop()
+            await self.reader.aclose()
+            await self.redis.aclose()
+            log.info("worker stopped", completed=self.stats.completed, failed=self.stats.failed)
+
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            consumer=self.consumer,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            started_at_ms=self.started_at_ms,
+            heartbeat_at_ms=now_ms(),
+            in_flight=len(self._tasks),
+            completed=self.stats.completed,
+            failed=self.stats.failed,
+        )
+
+    async def _until_redis(self, step: Callable[[], Awaitable[None]]) -> None:
+        for attempt in range(10**9):
+            try:
+                await step()
+                return
+            except REDIS_DOWN as exc:
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                log.warning("redis unavailable, retrying", error=type(exc).__name__, retry_in_s=delay)
+                await asyncio.sleep(delay)
+
+    # ---- reading ------------------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            free = self.settings.concurrency - len(self._tasks)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            try:
+                response = await self.reader.xreadgroup(
+                    self.keys.group,
+                    self.consumer,
+                    {self.keys.jobs: ">"},
+                    count=free,
+                    block=self.settings.block_ms,
+                )
+                failures = 0
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("consumer group missing, creating it again")
+                await self._until_redis(lambda: ensure_group(self.redis, self.keys))
+                continue
+            except REDIS_DOWN as exc:
+                delay = BACKOFF_S[min(failures, len(BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("redis unavailable, retrying", error=type(exc).__name__, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                continue
+            for _stream, entries in cast(StreamResponse, response or []):
+                for entry_id, fields in entries:
+                    self.spawn(Entry(entry_id, fields))
+
+    def spawn(self, entry: Entry) -> None:
+        task = asyncio.create_task(self._process(entry))
+        self._tasks[task] = entry
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self._slot_free.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job task crashed", exc_info=task.exception())
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        log.info("waiting for in-flight jobs", in_flight=len(self._tasks), grace_s=self.settings.shutdown_grace_s)
+        _, late = await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_grace_s)
+        if late:
+            log.warning("grace period over; leaving jobs pending for other workers", left=len(late))
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
+
+    # ---- one job ------------------------------------------------------------------------
+
+    async def _process(self, entry: Entry) -> None:
+        raw = entry.fields.get(b"job")
+        try:
+            job = decode_job(raw, self.settings.max_job_bytes)
+        except InvalidJob as exc:
+            await self._reject(entry, raw, exc)
+            return
+        with structlog.contextvars.bound_contextvars(request_id=job.request_id, tenant_id=job.tenant_id):
+            await self._serve(entry, job)
+
+    async def _reject(self, entry: Entry, raw: bytes | None, exc: InvalidJob) -> None:
+        log.warning("invalid job", entry_id=entry.id.decode(), request_id=exc.request_id, reason=exc.reason)
+        message = f"invalid job: {exc.reason}"
+        reply = self.publisher.channel(exc.request_id, entry.attempt) if exc.request_id else None
+        error = Error(request_id=exc.request_id or "", attempt=entry.attempt, code=ErrorCode.INVALID_JOB, message=message)
+        dead = DeadLetter(raw, ErrorCode.INVALID_JOB, message, entry.attempt, self.consumer)
+        self.stats.failed += 1
+        await self.publisher.outcome(reply, error if reply else None, entry.id, dead)
+
+    async def _serve(self, entry: Entry, job: Job) -> None:
+        reply = self.publisher.channel(job.request_id, entry.attempt)
+        stored, cancel_flag = cast(
+            list[bytes | None],
+            await self.redis.mget(self.keys.result(job.request_id), self.keys.cancel_flag(job.request_id)),
+        )
+        if stored is not None:
+            log.info("outcome already stored; answering from the store", attempt=entry.attempt)
+            await self.publisher.outcome(reply, stored, entry.id)
+            return
+        if entry.attempt > self.settings.max_attempts:
+            message = f"delivered {entry.attempt} times, over the limit of {self.settings.max_attempts}"
+            raw = entry.fields.get(b"job")
+            dead = DeadLetter(raw, ErrorCode.TOO_MANY_ATTEMPTS, message, entry.attempt, self.consumer)
+            await self._answer(entry, reply, self._error(reply, ErrorCode.TOO_MANY_ATTEMPTS, message), dead)
+            return
+        if cancel_flag is not None:
+            await self._answer(entry, reply, self._error(reply, ErrorCode.CANCELLED, "cancelled before it started"))
+            return
+        await self._answer(entry, reply, await self._generate(job, reply))
+
+    async def _generate(self, job: Job, reply: ReplyChannel) -> Terminal:
+        """Run the model call within the job's limits and turn any ending into a terminal message."""
+        limit_s = self.settings.job_timeout_s
+        deadline_first = False
+        if job.deadline_ms is not None:
+            left_s = (job.deadline_ms - now_ms()) / 1000
+            if left_s <= 0:
+                return self._error(reply, ErrorCode.EXPIRED, "the deadline passed before the job started")
+            deadline_first = left_s < limit_s
+            limit_s = min(limit_s, left_s)
+        log.debug("job started", model=job.model, stream=job.stream, messages=job.messages)
+        self._running[job.request_id] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            async with asyncio.timeout(limit_s):
+                if job.stream:
+                    completion = await self.router.stream(job, reply.send_text)
+                else:
+                    completion = await self.router.complete(job)
+        except RouteError as exc:
+            log.info("job failed", code=exc.code, reason=exc.message)
+            return self._error(reply, exc.code, exc.message)
+        except TimeoutError:
+            if deadline_first:
+                return self._error(reply, ErrorCode.EXPIRED, "the deadline passed during generation")
+            return self._error(reply, ErrorCode.TIMEOUT, f"the job ran past the limit of {self.settings.job_timeout_s:g} s")
+        except asyncio.CancelledError:
+            if job.request_id not in self._cancelled:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return self._error(reply, ErrorCode.CANCELLED, "cancelled by the orchestrator")
+        except Exception:
+            log.exception("job crashed in the worker")
+            return self._error(reply, ErrorCode.INTERNAL, "internal error in the worker")
+        finally:
+            self._running.pop(job.request_id, None)
+            self._cancelled.discard(job.request_id)
+        log.debug("job answered", content=completion.content)
+        return self._answer_message(job, reply, completion)
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop the job's provider call, if this worker runs it; the job is answered ``cancelled``."""
+        task = self._running.get(request_id)
+        if task is None:
+            return False
+        self._cancelled.add(request_id)
+        task.cancel()
+        return True
+
+    @staticmethod
+    def _error(reply: ReplyChannel, code: ErrorCode, message: str) -> Error:
+        return Error(request_id=reply.request_id, attempt=reply.attempt, code=code, message=message)
+
+    @staticmethod
+    def _answer_message(job: Job, reply: ReplyChannel, c: Completion) -> Terminal:
+        common = dict(
+            request_id=job.request_id,
+            attempt=reply.attempt,
+            content=c.content,
+            tool_calls=c.tool_calls,
+            usage=c.usage,
+            model=job.model,
+            provider_model=c.provider_model,
+            finish_reason=c.finish_reason,
+            cost_usd=c.cost_usd,
+        )
+        if job.stream:
+            return Done(**common, seq=0)  # type: ignore[arg-type]  # seq is set when sent
+        return Result(**common)  # type: ignore[arg-type]
+
+    async def _answer(self, entry: Entry, reply: ReplyChannel, message: Terminal, dead: DeadLetter | None = None) -> None:
+        if isinstance(message, Error):
+            self.stats.failed += 1
+        else:
+            self.stats.completed += 1
+        await reply.finish(message, entry.id, dead)
+        if not isinstance(message, Error):
+            log.info("job done", attempt=entry.attempt, chunks=reply.seq, usage=message.usage, provider_model=message.provider_model)
+
+
+

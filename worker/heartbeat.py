@@ -1,0 +1,58 @@
+"""Keeps the worker's liveness key alive (CONTRACT.md §6): its expiry is the worker's death notice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from contracts import Heartbeat, encode
+
+log = structlog.get_logger(__name__)
+
+
+class HeartbeatKeeper:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        key: str,
+        interval_s: float,
+        snapshot: Callable[[], Heartbeat],
+    ) -> None:
+        self.redis = redis
+        self.key = key
+        self.interval_s = interval_s
+        self.ttl_ms = max(1, int(3 * interval_s * 1000))
+        self.snapshot = snapshot
+        self._task: asyncio.Task[None] | None = None
+
+    async def beat(self) -> None:
+        await self.redis.set(self.key, encode(self.snapshot()), px=self.ttl_ms)
+
+    async def start(self) -> None:
+        """Announce the worker before it reads a job, then keep announcing it."""
+        await self.beat()
+        self._task = asyncio.create_task(self._run(), name="heartbeat")
+
+    async def stop(self) -> None:
+        """Stop beating and remove the key: whatever this worker left pending is free to reclaim."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await self.redis.delete(self.key)
+        except RedisError as exc:
+            log.warning("could not remove the liveness key", error=type(exc).__name__)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.beat()
+            except (RedisError, OSError) as exc:
+                log.warning("heartbeat not written", error=type(exc).__name__)

@@ -1,0 +1,253 @@
+"""Routes a job to a model group through litellm's Router, and turns its answer into a Completion.
+
+The litellm Router is the one place that chooses deployments, retries, falls back and cools
+deployments down. This module adds what the wire contract needs on top: the deployment that
+answered, usage (estimated only when the provider sent none), cost from litellm's price map,
+tool calls assembled from a stream, and provider errors sorted into contract error codes.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price map at import
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import litellm
+import openai
+import structlog
+from litellm import exceptions as llm_errors
+from litellm.router import Router
+
+from contracts import ErrorCode, FunctionCall, Job, ToolCall, Usage
+from worker.assembly import Completion, StreamAssembler
+from worker.model_config import PRICE_KEYS, Deployment, ModelConfig
+
+log = structlog.get_logger(__name__)
+
+OnText = Callable[[str], None]
+
+# The provider rejected the request itself: no retry or other deployment can fix it.
+_BAD_REQUEST = (
+    llm_errors.BadRequestError,
+    llm_errors.UnprocessableEntityError,
+    llm_errors.ContentPolicyViolationError,
+    llm_errors.ContextWindowExceededError,
+)
+LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+
+
+class RouteError(Exception):
+    """A job's call failed in a way the contract names; ``message`` is safe to send."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input_per_token: float
+    output_per_token: float
+
+    def cost(self, usage: Usage) -> float:
+        return usage.prompt_tokens * self.input_per_token + usage.completion_tokens * self.output_per_token
+
+
+def quiet_litellm() -> None:
+    """Stop litellm printing on its own: its records go through our logging, once, at WARNING+."""
+    litellm.suppress_debug_info = True
+    litellm.disable_streaming_logging = True
+    for name in LITELLM_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.setLevel(logging.ERROR)
+        logger.propagate = True
+
+
+def price_of(deployment: Deployment) -> Price | None:
+    """The per-token price of a deployment, from its own params or litellm's price map.
+
+    litellm prices an unmapped OpenAI or Anthropic model at 0.0, which is not "free": such a
+    deployment has no price, and its cost goes on the wire as null.
+    """
+    custom = [deployment.params.get(k) for k in PRICE_KEYS]
+    if all(isinstance(v, int | float) for v in custom):
+        return Price(float(custom[0]), float(custom[1]))  # type: ignore[arg-type]
+    try:
+        info = litellm.get_model_info(model=deployment.model)
+    except Exception:  # noqa: BLE001 - litellm raises plain Exception for unmapped models
+        return None
+    cin, cout = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+    if cin is None or cout is None:
+        return None
+    return Price(float(cin), float(cout))
+
+
+def describe_failure(group: str, exc: BaseException) -> str:
+    """A one-line account of a provider failure, without the provider's body or our hints."""
+    status = getattr(exc, "status_code", None)
+    kind = type(exc).__name__
+    return f"model group '{group}': {kind}" + (f" (HTTP {status})" if isinstance(status, int) else "")
+
+
+def classify(group: str, exc: BaseException) -> RouteError:
+    if isinstance(exc, _BAD_REQUEST):
+        return RouteError(ErrorCode.BAD_REQUEST, "the provider rejected the request: " + describe_failure(group, exc))
+    return RouteError(
+        ErrorCode.PROVIDERS_UNAVAILABLE,
+        "every deployment and fallback failed: " + describe_failure(group, exc),
+    )
+
+
+class ModelRouter:
+    """The model groups of one worker process."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        quiet_litellm()
+        for key, value in config.litellm_settings.items():
+            setattr(litellm, key, value)
+        self.config = config
+        self.groups = config.groups
+        self._deployments = config.by_id()
+        self._prices = {d.id: price_of(d) for d in config.deployments}
+        self._router = Router(model_list=[d.entry() for d in config.deployments], **dict(config.router_settings))
+
+    async def warm_up(self) -> None:
+        """Pay litellm's lazy imports (about a second per provider) before the first job does.
+
+        Mock responses go through the same code paths without touching the network.
+        """
+        messages = [{"role": "user", "content": "warm-up"}]
+        for stream in (False, True):
+            for model in {d.model: d for d in self.config.deployments}:
+                response = await litellm.acompletion(model=model, messages=messages, mock_response="ok", stream=stream)
+                if stream:
+                    async for _ in response:
+                        pass
+            for group in self.groups:
+                response = await self._router.acompletion(model=group, messages=messages, mock_response="ok", stream=stream)
+                if stream:
+                    async for _ in response:
+                        pass
+
+    def deployment(self, deployment_id: str | None) -> Deployment | None:
+        return self._deployments.get(deployment_id or "")
+
+    def _call_kwargs(self, job: Job) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"model": job.model, "messages": job.messages, **job.provider_params()}
+        if job.tools:
+            kwargs["tools"] = job.tools
+        return kwargs
+
+    def _finish(
+        self,
+        job: Job,
+        hidden: Mapping[str, Any],
+        content: str,
+        tool_calls: list[ToolCall],
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        finish_reason: str | None,
+    ) -> Completion:
+        deployment = self.deployment(hidden.get("model_id"))
+        provider_model = deployment.model if deployment else str(hidden.get("litellm_model_name") or job.model)
+        if prompt_tokens and completion_tokens is not None:
+            usage = Usage(prompt_tokens, completion_tokens, estimated=False)
+        else:
+            usage = self._estimate_usage(provider_model, job, content, tool_calls)
+        price = self._prices.get(deployment.id) if deployment else None
+        if tool_calls and finish_reason in (None, "stop"):
+            finish_reason = "tool_calls"
+        return Completion(
+            content=content,
+            tool_calls=tool_calls,
+            usage=usage,
+            provider_model=provider_model,
+            finish_reason=finish_reason or "stop",
+            cost_usd=price.cost(usage) if price else None,
+        )
+
+    @staticmethod
+    def _estimate_usage(model: str, job: Job, content: str, tool_calls: list[ToolCall]) -> Usage:
+        text = content + "".join(c.function.arguments for c in tool_calls)
+        try:
+            prompt = litellm.token_counter(model=model, messages=job.messages)
+            completion = litellm.token_counter(model=model, text=text) if text else 0
+        except Exception:  # noqa: BLE001 - a count is best effort; fall back to a rough one
+            prompt, completion = sum(len(str(m.get("content", ""))) for m in job.messages) // 4, len(text) // 4
+        return Usage(int(prompt), int(completion), estimated=True)
+
+    async def complete(self, job: Job) -> Completion:
+        """One non-streamed answer."""
+        self._require_group(job.model)
+        try:
+            response = await self._router.acompletion(**self._call_kwargs(job))
+        except openai.OpenAIError as exc:
+            raise classify(job.model, exc) from exc
+        choice = response.choices[0]
+        message = choice.message
+        calls = [
+            ToolCall(id=c.id or f"call_{i}", function=FunctionCall(name=c.function.name or "", arguments=c.function.arguments or ""))
+            for i, c in enumerate(message.tool_calls or [])
+        ]
+        usage = getattr(response, "usage", None)
+        return self._finish(
+            job,
+            getattr(response, "_hidden_params", {}) or {},
+            message.content or "",
+            calls,
+            getattr(usage, "prompt_tokens", None),
+            getattr(usage, "completion_tokens", None),
+            choice.finish_reason,
+        )
+
+    async def stream(self, job: Job, on_text: OnText) -> Completion:
+        """A streamed answer: ``on_text`` sees each piece of text as it arrives."""
+        self._require_group(job.model)
+        answer = StreamAssembler()
+        try:
+            stream = await self._router.acompletion(
+                **self._call_kwargs(job), stream=True, stream_options={"include_usage": True}
+            )
+            async for chunk in stream:
+                usage = getattr(chunk, "usage", None)
+                if usage is not None:
+                    answer.set_usage(usage.prompt_tokens, usage.completion_tokens)
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                delta = choice.delta
+                if delta.content:
+                    answer.add_text(delta.content)
+                    on_text(delta.content)
+                for call in delta.tool_calls or ():
+                    fn = call.function
+                    answer.add_tool_fragment(call.index or 0, call.id, fn.name if fn else None, fn.arguments if fn else None)
+                if choice.finish_reason:
+                    answer.finish_reason = choice.finish_reason
+        except openai.OpenAIError as exc:
+            if answer.chunks_seen:
+                raise RouteError(
+                    ErrorCode.INTERRUPTED, "the provider stream broke part-way: " + describe_failure(job.model, exc)
+                ) from exc
+            raise classify(job.model, exc) from exc
+        return self._finish(
+            job,
+            getattr(stream, "_hidden_params", {}) or {},
+            answer.content,
+            answer.tool_calls(),
+            answer.prompt_tokens,
+            answer.completion_tokens,
+            answer.finish_reason,
+        )
+
+    def _require_group(self, group: str) -> None:
+        if group not in self.groups:
+            known = ", ".join(sorted(self.groups))
+            raise RouteError(ErrorCode.UNKNOWN_MODEL, f"no model group '{group}' (known: {known})")

@@ -1,0 +1,38 @@
+"""Every setting of a worker process, read once from the environment (CONTRACT.md §7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BUNDLED_CONFIG = Path(__file__).with_name("models.yaml")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLM_WORKER_", extra="ignore", populate_by_name=True)
+
+    redis_url: SecretStr = Field(
+        default=SecretStr("redis://localhost:6379/0"),
+        validation_alias=AliasChoices("REDIS_URL", "LLM_WORKER_REDIS_URL"),
+        description="Redis to use; a SecretStr because it may carry a password.",
+    )
+    config: Path = Field(default=BUNDLED_CONFIG, description="LiteLLM-proxy-style YAML of model groups.")
+    prefix: str = Field(default="llm", pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    concurrency: int = Field(default=32, ge=1, le=100_000)
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    result_ttl_s: int = Field(default=3600, ge=1)
+    max_job_bytes: int = Field(default=1024 * 1024, ge=256)
+    max_attempts: int = Field(default=3, ge=1)
+    job_timeout_s: float = Field(default=600.0, gt=0)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+    block_ms: int = Field(default=1000, ge=10, description="XREADGROUP BLOCK; kept under socket_timeout.")
+    redis_socket_timeout_s: float = Field(default=5.0, gt=0)
+    log_level: str = Field(default="INFO")
+    log_format: str = Field(default="auto", pattern=r"^(auto|json|console)$")
+
+    @property
+    def heartbeat_ttl_s(self) -> int:
+        return max(1, round(3 * self.heartbeat_s + 0.49))
