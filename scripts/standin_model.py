@@ -141,15 +141,16 @@ class StandIn:
         ]
         plan = make_plan(str(body.get("model", "")), messages, tools)
         user = next((m for m in reversed(messages) if m.get("role") == "user"), {})
-        self.calls.append(
-            {
-                "api": api,
-                "model": body.get("model"),
-                "stream": bool(body.get("stream")),
-                "text": _text_of(user.get("content")),
-                "at": time.time(),
-            }
-        )
+        record = {
+            "api": api,
+            "model": body.get("model"),
+            "stream": bool(body.get("stream")),
+            "text": _text_of(user.get("content")),
+            "at": time.time(),
+            "disconnected": False,
+        }
+        self.calls.append(record)
+        request["record"] = record
         if plan.hang:
             await asyncio.sleep(3600)
         if plan.delay_s and not body.get("stream"):
@@ -181,9 +182,13 @@ class StandIn:
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        async for frame in frames:
-            await resp.write(frame)
-        await resp.write_eof()
+        try:
+            async for frame in frames:
+                await resp.write(frame)
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            request["record"]["disconnected"] = True  # the client went away mid-stream
+            raise
         return resp
 
     async def _tokens(self, request: web.Request, plan: Plan) -> AsyncIterator[tuple[int, str]]:
@@ -380,7 +385,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(StandIn().app(), host=args.host, port=args.port, print=None, access_log=None)
+    web.run_app(StandIn().app(), host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=0.5)
 
 
 if __name__ == "__main__":

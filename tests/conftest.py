@@ -141,7 +141,11 @@ def model_config(standin_url: str) -> dict[str, Any]:
             dep("rejects", "openai/fail-400"),
             dep("unpriced", "openai/stand-in-unmapped"),
             dep("custom-priced", "openai/stand-in-priced", input_cost_per_token=1e-6, output_cost_per_token=2e-6),
-            dep("hangs", "openai/hang"),
+            dep("hangs", "openai/hang", timeout=1, stream_timeout=1),
+            # streams that break after two tokens; the second deployment is sound
+            dep("flaky", "openai/drop-2", 1),
+            dep("flaky", "openai/gpt-4o-mini", 2),
+            dep("always-breaks", "openai/drop-2"),
             dep("keyless", "openai/gpt-4o-mini", api_key="os.environ/LLM_POOL_TEST_UNSET_KEY"),
         ],
         "router_settings": {
@@ -149,6 +153,8 @@ def model_config(standin_url: str) -> dict[str, Any]:
             "timeout": 5,
             "stream_timeout": 5,
             "retry_after": 0,
+            "allowed_fails": 0,
+            "cooldown_time": 5,
             "fallbacks": [{"quality": ["fast"]}, {"keyless": ["openai"]}],
         },
     }

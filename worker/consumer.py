@@ -1,20 +1,22 @@
 """The consume loop: read jobs from the stream, run each through the router, answer, acknowledge.
 
-One worker process is one consumer of the group. It reads only as many entries as it has
-free slots, runs them concurrently, and acknowledges an entry only after its outcome is
-stored and published, so that a job whose worker dies is redelivered (CONTRACT.md §4).
+One worker process is one consumer of the group. It reads only as many entries as it has free
+slots, runs them concurrently, and acknowledges an entry only after its outcome is stored and
+published, so that a job whose worker dies is redelivered (CONTRACT.md §4). Around the loop run
+the heartbeat, the recovery of dead workers' jobs and the cancel listener.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -25,31 +27,38 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from contracts import Done, Error, ErrorCode, Heartbeat, InvalidJob, Job, Keys, Result, Terminal, decode_job
 from worker import __version__
 from worker.assembly import Completion
+from worker.cancellation import CancelListener
 from worker.heartbeat import HeartbeatKeeper
 from worker.publisher import DeadLetter, Publisher, ReplyChannel
+from worker.recovery import Reclaimer, jittered
 from worker.router import ModelRouter, RouteError
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 StreamResponse = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+T = TypeVar("T")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(slots=True)
 class Entry:
-    """A stream entry this consumer owns; ``attempt`` is how often it has been delivered."""
+    """A stream entry this consumer owns; ``deliveries`` counts this delivery too."""
 
     id: bytes
     fields: dict[bytes, bytes]
-    attempt: int = 1
+    deliveries: int = 1
 
 
 @dataclass(slots=True)
 class Stats:
     completed: int = 0
     failed: int = 0
+
+
+class JobCancelled(Exception):
+    """The orchestrator cancelled the job while it ran."""
 
 
 def now_ms() -> int:
@@ -87,17 +96,21 @@ class Worker:
         self.consumer = consumer or consumer_name()
         self.started_at_ms = now_ms()
         self.stats = Stats()
-        self.redis = connect(settings, max_connections=max(16, settings.concurrency + 8))
+        self.redis = connect(settings, max_connections=settings.concurrency + 16)
         self.reader = connect(settings, single=True)
         self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s)
         self.heartbeat = HeartbeatKeeper(
             self.redis, self.keys.worker(self.consumer), settings.heartbeat_s, self._heartbeat
         )
+        # An entry idle this long has outlived any run of its job: claim it whoever holds it.
+        stale_after_s = 2 * settings.job_timeout_s + settings.shutdown_grace_s + 6 * settings.heartbeat_s
+        self.reclaimer = Reclaimer(self.redis, self.keys, self.consumer, stale_after_s)
+        self.cancels = CancelListener(self.redis, self.keys.cancel, self.cancel)
         self._tasks: dict[asyncio.Task[None], Entry] = {}
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._cancelled: set[str] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._cancelled: set[str] = set()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -117,13 +130,20 @@ class Worker:
         await self._until_redis(lambda: ensure_group(self.redis, self.keys))
         await self.publisher.start()
         await self.heartbeat.start()
+        await self.cancels.start()
+        recovery = asyncio.create_task(self._recover(), name="recovery")
         log.info("worker ready", consumer=self.consumer, groups=sorted(self.router.groups))
         if ready is not None:
             await ready()
         try:
             await self._consume()
+            recovery.cancel()
             await self._drain()
         finally:
+            recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recovery
+            await self.cancels.stop()
             await self.publisher.close()
             await self.heartbeat.stop()
             await self.reader.aclose()
@@ -143,34 +163,36 @@ class Worker:
             failed=self.stats.failed,
         )
 
-    async def _until_redis(self, step: Callable[[], Awaitable[None]]) -> None:
+    async def _until_redis(self, step: Callable[[], Awaitable[T]]) -> T:
+        """Run a Redis step until Redis answers: a job read must not be dropped by an outage."""
         for attempt in range(10**9):
             try:
-                await step()
-                return
+                return await step()
             except REDIS_DOWN as exc:
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
                 log.warning("redis unavailable, retrying", error=type(exc).__name__, retry_in_s=delay)
                 await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
-    # ---- reading ------------------------------------------------------------------------
+    # ---- taking jobs --------------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        return self.settings.concurrency - len(self._tasks)
 
     async def _consume(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            free = self.settings.concurrency - len(self._tasks)
+            free = self._free_slots()
             if free <= 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
             try:
                 response = await self.reader.xreadgroup(
-                    self.keys.group,
-                    self.consumer,
-                    {self.keys.jobs: ">"},
-                    count=free,
-                    block=self.settings.block_ms,
+                    self.keys.group, self.consumer, {self.keys.jobs: ">"}, count=free, block=self.settings.block_ms
                 )
+                if failures:
+                    await self._resume_own_pending()  # a read cut by the outage may have delivered entries
                 failures = 0
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -187,6 +209,42 @@ class Worker:
             for _stream, entries in cast(StreamResponse, response or []):
                 for entry_id, fields in entries:
                     self.spawn(Entry(entry_id, fields))
+
+    async def _resume_own_pending(self) -> None:
+        """Run entries delivered to this consumer that it is not running: a read whose reply was
+        lost to a dropped connection. Redis already counts them as ours, and no one else takes
+        the jobs of a live worker."""
+        try:
+            pending = await self.redis.xpending_range(
+                self.keys.jobs, self.keys.group, "-", "+", max(1, self._free_slots()), consumername=self.consumer
+            )
+            response = await self.redis.xreadgroup(
+                self.keys.group, self.consumer, {self.keys.jobs: "0"}, count=max(1, self._free_slots())
+            )
+        except REDIS_DOWN:
+            return  # the next read retries
+        except ResponseError:
+            return  # no group yet
+        deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        running = {entry.id for entry in self._tasks.values()}
+        for _stream, entries in cast(StreamResponse, response or []):
+            for entry_id, fields in entries:
+                if entry_id not in running and entry_id in deliveries:
+                    log.warning("resuming a job whose delivery was cut off", entry_id=entry_id.decode())
+                    self.spawn(Entry(entry_id, fields or {}, deliveries[entry_id]))
+
+    async def _recover(self) -> None:
+        """Claim dead workers' jobs into free slots, every half heartbeat interval."""
+        while not self._stopping.is_set():
+            try:
+                for entry_id, fields, earlier in await self.reclaimer.claim(self._free_slots()):
+                    self.spawn(Entry(entry_id, fields, deliveries=earlier + 1))
+            except REDIS_DOWN as exc:
+                log.warning("recovery round skipped", error=type(exc).__name__)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    log.error("recovery round failed", error=str(exc))
+            await asyncio.sleep(jittered(self.settings.heartbeat_s / 2))
 
     def spawn(self, entry: Entry) -> None:
         task = asyncio.create_task(self._process(entry))
@@ -210,7 +268,22 @@ class Worker:
                 task.cancel()
             await asyncio.wait(late)
 
+    def cancel(self, request_id: str) -> bool:
+        """Stop the job's provider call if this worker runs it; it is answered ``cancelled``."""
+        task = self._running.get(request_id)
+        if task is None:
+            return False
+        log.info("cancelling job", request_id=request_id)
+        self._cancelled.add(request_id)
+        task.cancel()
+        return True
+
     # ---- one job ------------------------------------------------------------------------
+
+    def first_attempt(self, deliveries: int) -> int:
+        """Attempt numbers of a delivery: each delivery owns a block of ``1 + stream_restarts``,
+        so that a redelivery always starts above every attempt an earlier delivery could use."""
+        return (deliveries - 1) * (1 + self.settings.stream_restarts) + 1
 
     async def _process(self, entry: Entry) -> None:
         raw = entry.fields.get(b"job")
@@ -225,80 +298,87 @@ class Worker:
     async def _reject(self, entry: Entry, raw: bytes | None, exc: InvalidJob) -> None:
         log.warning("invalid job", entry_id=entry.id.decode(), request_id=exc.request_id, reason=exc.reason)
         message = f"invalid job: {exc.reason}"
-        reply = self.publisher.channel(exc.request_id, entry.attempt) if exc.request_id else None
-        error = Error(request_id=exc.request_id or "", attempt=entry.attempt, code=ErrorCode.INVALID_JOB, message=message)
-        dead = DeadLetter(raw, ErrorCode.INVALID_JOB, message, entry.attempt, self.consumer)
+        attempt = self.first_attempt(entry.deliveries)
+        reply = self.publisher.channel(exc.request_id, attempt) if exc.request_id else None
+        error = Error(request_id=exc.request_id or "", attempt=attempt, code=ErrorCode.INVALID_JOB, message=message)
+        dead = DeadLetter(raw, ErrorCode.INVALID_JOB, message, entry.deliveries, self.consumer)
         self.stats.failed += 1
         await self.publisher.outcome(reply, error if reply else None, entry.id, dead)
 
     async def _serve(self, entry: Entry, job: Job) -> None:
-        reply = self.publisher.channel(job.request_id, entry.attempt)
-        stored, cancel_flag = cast(
-            list[bytes | None],
-            await self.redis.mget(self.keys.result(job.request_id), self.keys.cancel_flag(job.request_id)),
-        )
-        if stored is not None:
-            log.info("outcome already stored; answering from the store", attempt=entry.attempt)
-            await self.publisher.outcome(reply, stored, entry.id)
-            return
-        if entry.attempt > self.settings.max_attempts:
-            message = f"delivered {entry.attempt} times, over the limit of {self.settings.max_attempts}"
-            raw = entry.fields.get(b"job")
-            dead = DeadLetter(raw, ErrorCode.TOO_MANY_ATTEMPTS, message, entry.attempt, self.consumer)
-            await self._answer(entry, reply, self._error(reply, ErrorCode.TOO_MANY_ATTEMPTS, message), dead)
-            return
-        if cancel_flag is not None:
-            await self._answer(entry, reply, self._error(reply, ErrorCode.CANCELLED, "cancelled before it started"))
-            return
-        await self._answer(entry, reply, await self._generate(job, reply))
+        reply = self.publisher.channel(job.request_id, self.first_attempt(entry.deliveries))
+        task = cast("asyncio.Task[None]", asyncio.current_task())
+        self._running[job.request_id] = task
+        dead: DeadLetter | None = None
+        try:
+            keys = (self.keys.result(job.request_id), self.keys.cancel_flag(job.request_id))
+            stored, cancel_flag = cast(list[bytes | None], await self._until_redis(lambda: self.redis.mget(keys)))
+            if stored is not None:
+                log.info("outcome already stored; answering from the store", deliveries=entry.deliveries)
+                await self.publisher.outcome(reply, stored, entry.id)
+                return
+            if entry.deliveries > self.settings.max_attempts:
+                text = f"delivered {entry.deliveries} times, over the limit of {self.settings.max_attempts}"
+                message: Terminal = self._error(reply, ErrorCode.TOO_MANY_ATTEMPTS, text)
+                dead = DeadLetter(entry.fields.get(b"job"), ErrorCode.TOO_MANY_ATTEMPTS, text, entry.deliveries, self.consumer)
+            elif cancel_flag is not None:
+                message = self._error(reply, ErrorCode.CANCELLED, "cancelled before it started")
+            else:
+                reply, message = await self._generate(job, reply)
+        except asyncio.CancelledError:
+            if job.request_id not in self._cancelled:
+                raise  # shutdown: the entry stays pending for another worker
+            task.uncancel()
+            message = self._error(reply, ErrorCode.CANCELLED, "cancelled by the orchestrator")
+        finally:
+            self._running.pop(job.request_id, None)
+            self._cancelled.discard(job.request_id)
+        await self._answer(entry, reply, message, dead)
 
-    async def _generate(self, job: Job, reply: ReplyChannel) -> Terminal:
-        """Run the model call within the job's limits and turn any ending into a terminal message."""
+    async def _generate(self, job: Job, reply: ReplyChannel) -> tuple[ReplyChannel, Terminal]:
+        """Run the model call within the job's limits; any ending becomes a terminal message.
+
+        A stream that breaks after chunks were sent starts again from scratch as the next
+        attempt, ``stream_restarts`` times at most; after that the job ends ``interrupted``.
+        """
         limit_s = self.settings.job_timeout_s
         deadline_first = False
         if job.deadline_ms is not None:
             left_s = (job.deadline_ms - now_ms()) / 1000
             if left_s <= 0:
-                return self._error(reply, ErrorCode.EXPIRED, "the deadline passed before the job started")
+                return reply, self._error(reply, ErrorCode.EXPIRED, "the deadline passed before the job started")
             deadline_first = left_s < limit_s
             limit_s = min(limit_s, left_s)
         log.debug("job started", model=job.model, stream=job.stream, messages=job.messages)
-        self._running[job.request_id] = asyncio.current_task()  # type: ignore[assignment]
+        restarts = self.settings.stream_restarts
         try:
             async with asyncio.timeout(limit_s):
-                if job.stream:
-                    completion = await self.router.stream(job, reply.send_text)
-                else:
-                    completion = await self.router.complete(job)
+                while True:
+                    try:
+                        if job.stream:
+                            completion = await self.router.stream(job, reply.send_text)
+                        else:
+                            completion = await self.router.complete(job)
+                        break
+                    except RouteError as exc:
+                        if exc.code != ErrorCode.INTERRUPTED or restarts <= 0:
+                            raise
+                        restarts -= 1
+                        log.warning("stream broke part-way; starting again", attempt=reply.attempt + 1)
+                        reply = self.publisher.channel(job.request_id, reply.attempt + 1)
         except RouteError as exc:
             log.info("job failed", code=exc.code, reason=exc.message)
-            return self._error(reply, exc.code, exc.message)
+            return reply, self._error(reply, exc.code, exc.message)
         except TimeoutError:
             if deadline_first:
-                return self._error(reply, ErrorCode.EXPIRED, "the deadline passed during generation")
-            return self._error(reply, ErrorCode.TIMEOUT, f"the job ran past the limit of {self.settings.job_timeout_s:g} s")
-        except asyncio.CancelledError:
-            if job.request_id not in self._cancelled:
-                raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            return self._error(reply, ErrorCode.CANCELLED, "cancelled by the orchestrator")
+                return reply, self._error(reply, ErrorCode.EXPIRED, "the deadline passed during generation")
+            limit = f"{self.settings.job_timeout_s:g} s"
+            return reply, self._error(reply, ErrorCode.TIMEOUT, f"the job ran past the worker's limit of {limit}")
         except Exception:
             log.exception("job crashed in the worker")
-            return self._error(reply, ErrorCode.INTERNAL, "internal error in the worker")
-        finally:
-            self._running.pop(job.request_id, None)
-            self._cancelled.discard(job.request_id)
+            return reply, self._error(reply, ErrorCode.INTERNAL, "internal error in the worker")
         log.debug("job answered", content=completion.content)
-        return self._answer_message(job, reply, completion)
-
-    def cancel(self, request_id: str) -> bool:
-        """Stop the job's provider call, if this worker runs it; the job is answered ``cancelled``."""
-        task = self._running.get(request_id)
-        if task is None:
-            return False
-        self._cancelled.add(request_id)
-        task.cancel()
-        return True
+        return reply, self._answer_message(job, reply, completion)
 
     @staticmethod
     def _error(reply: ReplyChannel, code: ErrorCode, message: str) -> Error:
@@ -306,29 +386,23 @@ class Worker:
 
     @staticmethod
     def _answer_message(job: Job, reply: ReplyChannel, c: Completion) -> Terminal:
-        common = dict(
-            request_id=job.request_id,
-            attempt=reply.attempt,
-            content=c.content,
-            tool_calls=c.tool_calls,
-            usage=c.usage,
-            model=job.model,
-            provider_model=c.provider_model,
-            finish_reason=c.finish_reason,
+        if job.stream:
+            return Done(
+                request_id=job.request_id, attempt=reply.attempt, content=c.content, tool_calls=c.tool_calls,
+                usage=c.usage, model=job.model, provider_model=c.provider_model, finish_reason=c.finish_reason,
+                cost_usd=c.cost_usd, seq=0,  # the publisher sets seq to the chunks it sent
+            )
+        return Result(
+            request_id=job.request_id, attempt=reply.attempt, content=c.content, tool_calls=c.tool_calls,
+            usage=c.usage, model=job.model, provider_model=c.provider_model, finish_reason=c.finish_reason,
             cost_usd=c.cost_usd,
         )
-        if job.stream:
-            return Done(**common, seq=0)  # type: ignore[arg-type]  # seq is set when sent
-        return Result(**common)  # type: ignore[arg-type]
 
-    async def _answer(self, entry: Entry, reply: ReplyChannel, message: Terminal, dead: DeadLetter | None = None) -> None:
+    async def _answer(self, entry: Entry, reply: ReplyChannel, message: Terminal, dead: DeadLetter | None) -> None:
         if isinstance(message, Error):
             self.stats.failed += 1
         else:
             self.stats.completed += 1
         await reply.finish(message, entry.id, dead)
         if not isinstance(message, Error):
-            log.info("job done", attempt=entry.attempt, chunks=reply.seq, usage=message.usage, provider_model=message.provider_model)
-
-
-
+            log.info("job done", attempt=reply.attempt, chunks=reply.seq, usage=message.usage, provider_model=message.provider_model)

@@ -207,3 +207,4 @@ class Publisher:
             pipe.xadd(self.keys.dead, item.dead.fields())
         if item.ack is not None:
             pipe.xack(self.keys.jobs, self.keys.group, item.ack)
+            pipe.xdel(self.keys.jobs, item.ack)  # acked: nobody needs it, and the stream stays short

@@ -12,6 +12,8 @@ import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the price map at import
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import openai
 import structlog
 from litellm import exceptions as llm_errors
 from litellm.router import Router
+from litellm.types.router import RouterRateLimitError
 
 from contracts import ErrorCode, FunctionCall, Job, ToolCall, Usage
 from worker.assembly import Completion, StreamAssembler
@@ -38,6 +41,8 @@ _BAD_REQUEST = (
     llm_errors.ContentPolicyViolationError,
     llm_errors.ContextWindowExceededError,
 )
+# Raised by the Router itself, not by a provider: every deployment is cooling down.
+_ROUTER_FAILURES = (openai.OpenAIError, RouterRateLimitError)
 LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
 
 
@@ -60,13 +65,15 @@ class Price:
 
 
 def quiet_litellm() -> None:
-    """Stop litellm printing on its own: its records go through our logging, once, at WARNING+."""
+    """Stop litellm printing on its own. Its records reach our handlers only when we log at DEBUG:
+    each failed job is logged once by the worker, where litellm logs each failed attempt in many lines."""
     litellm.suppress_debug_info = True
     litellm.disable_streaming_logging = True
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     for name in LITELLM_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers.clear()
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
         logger.propagate = True
 
 
@@ -91,6 +98,8 @@ def price_of(deployment: Deployment) -> Price | None:
 
 def describe_failure(group: str, exc: BaseException) -> str:
     """A one-line account of a provider failure, without the provider's body or our hints."""
+    if isinstance(exc, RouterRateLimitError):
+        return f"model group '{group}': every deployment is cooling down after failures"
     status = getattr(exc, "status_code", None)
     kind = type(exc).__name__
     return f"model group '{group}': {kind}" + (f" (HTTP {status})" if isinstance(status, int) else "")
@@ -103,6 +112,20 @@ def classify(group: str, exc: BaseException) -> RouteError:
         ErrorCode.PROVIDERS_UNAVAILABLE,
         "every deployment and fallback failed: " + describe_failure(group, exc),
     )
+
+
+async def close_stream(stream: Any) -> None:
+    """Close the provider connection of a stream that ended early (cancelled, timed out, broken).
+
+    litellm's Router returns a wrapper around an async generator; closing the generator closes
+    the HTTP response. A stream read to its end is already closed, and closing again is a no-op.
+    """
+    if stream is None:
+        return
+    close = getattr(stream, "aclose", None) or getattr(getattr(stream, "_async_generator", None), "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(close())
 
 
 class ModelRouter:
@@ -188,7 +211,7 @@ class ModelRouter:
         self._require_group(job.model)
         try:
             response = await self._router.acompletion(**self._call_kwargs(job))
-        except openai.OpenAIError as exc:
+        except _ROUTER_FAILURES as exc:
             raise classify(job.model, exc) from exc
         choice = response.choices[0]
         message = choice.message
@@ -211,6 +234,7 @@ class ModelRouter:
         """A streamed answer: ``on_text`` sees each piece of text as it arrives."""
         self._require_group(job.model)
         answer = StreamAssembler()
+        stream: Any = None
         try:
             stream = await self._router.acompletion(
                 **self._call_kwargs(job), stream=True, stream_options={"include_usage": True}
@@ -231,12 +255,15 @@ class ModelRouter:
                     answer.add_tool_fragment(call.index or 0, call.id, fn.name if fn else None, fn.arguments if fn else None)
                 if choice.finish_reason:
                     answer.finish_reason = choice.finish_reason
-        except openai.OpenAIError as exc:
+        except _ROUTER_FAILURES as exc:
             if answer.chunks_seen:
+                self._cool_down(stream, exc)
                 raise RouteError(
                     ErrorCode.INTERRUPTED, "the provider stream broke part-way: " + describe_failure(job.model, exc)
                 ) from exc
             raise classify(job.model, exc) from exc
+        finally:
+            await close_stream(stream)
         return self._finish(
             job,
             getattr(stream, "_hidden_params", {}) or {},
@@ -246,6 +273,20 @@ class ModelRouter:
             answer.completion_tokens,
             answer.finish_reason,
         )
+
+    def _cool_down(self, stream: Any, exc: Exception) -> None:
+        """Cool down a deployment whose stream broke after tokens, so that the job's restart goes
+        elsewhere: litellm counts only failures before the first chunk. A group's only deployment
+        is left alone, as litellm leaves it."""
+        deployment = self.deployment((getattr(stream, "_hidden_params", None) or {}).get("model_id"))
+        if deployment is None or sum(d.group == deployment.group for d in self.config.deployments) < 2:
+            return
+        status = getattr(exc, "status_code", None)
+        with contextlib.suppress(Exception):  # best effort: the restart works without it, if less well
+            self._router.health().cooldowns.add_deployment_to_cooldown(
+                deployment.id, exc, status if isinstance(status, int) else 500, None
+            )
+        log.warning("deployment cooled down after a broken stream", deployment=deployment.model)
 
     def _require_group(self, group: str) -> None:
         if group not in self.groups:

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     job_timeout_s: float = Field(default=600.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    stream_restarts: int = Field(
+        default=1, ge=0, description="times a stream that broke after chunks starts again as a new attempt"
+    )
 
     block_ms: int = Field(default=1000, ge=10, description="XREADGROUP BLOCK; kept under socket_timeout.")
     redis_socket_timeout_s: float = Field(default=5.0, gt=0)
