@@ -26,6 +26,14 @@ WEATHER_TOOL = {
 }
 
 
+@pytest.fixture(params=["lean", "litellm"], autouse=True)
+def stream_path(request: pytest.FixtureRequest, router: Any) -> Any:
+    """Every test here runs on both stream paths: the lean parser and litellm's own."""
+    router.lean_streams = request.param == "lean"
+    yield request.param
+    router.lean_streams = True
+
+
 def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
@@ -188,3 +196,23 @@ async def test_outcome_is_stored_with_a_ttl(client: LLMClient, worker: Any, redi
     ttl = await redis.ttl(key)
     assert 0 < ttl <= worker.worker.settings.result_ttl_s
     assert await client.stored_outcome(result.request_id) == result
+
+
+@pytest.mark.parametrize("group", PROVIDERS)
+async def test_both_stream_paths_give_the_same_messages(group: str, client: LLMClient, worker: Any, router: Any, stream_path: str) -> None:
+    if stream_path != "lean":
+        pytest.skip("compares the two paths itself")
+    answers = {}
+    for lean in (True, False):
+        router.lean_streams = lean
+        tapped_before = router._tap.tapped
+        chunks, done = await collect(client, group, "alpha beta gamma delta #slow=5")
+        with_tool = await collect(client, group, "Tromsø #tool", tools=[WEATHER_TOOL])
+        used_lean = router._tap.tapped > tapped_before
+        assert used_lean == (lean and group == "openai"), "the lean path serves OpenAI-format streams only"
+        answers[lean] = [
+            ("".join(c.text for c in chunks), done.content, done.usage, done.finish_reason, done.provider_model, done.cost_usd),
+            ([(t.type, t.function.name, t.function.arguments) for t in with_tool[1].tool_calls], with_tool[1].finish_reason,
+             with_tool[1].usage),
+        ]
+    assert answers[True] == answers[False]

@@ -58,6 +58,11 @@ class StreamAssembler:
         if completion_tokens:
             self.completion_tokens = completion_tokens
 
+    def forget_end(self) -> None:
+        """Drop the finish reason and usage seen so far: they were not the provider's last word."""
+        self.finish_reason = None
+        self.prompt_tokens = self.completion_tokens = None
+
     @property
     def content(self) -> str:
         return "".join(self._text)

@@ -62,7 +62,7 @@ async def serve(settings: Settings) -> None:
     from worker.model_config import load_model_config
     from worker.router import ModelRouter
 
-    router = ModelRouter(load_model_config(settings.config))
+    router = ModelRouter(load_model_config(settings.config), lean_streams=settings.lean_streams)
     await router.warm_up()
     worker = Worker(settings, router)
     signals = 0

@@ -73,13 +73,19 @@ class ReplyChannel:
         self.seq = 0
         self._pending: list[str] = []
 
-    def send_text(self, text: str) -> None:
-        """Queue a piece of streamed text; it leaves with the next round trip."""
+    def send_text(self, text: str) -> bool:
+        """Queue a piece of streamed text; it leaves with the next round trip.
+
+        Returns True when it starts a new batch: the caller should then let the event loop run,
+        so that the batch leaves at once instead of after the whole stream was read.
+        """
         if not text:
-            return
+            return False
         self._pending.append(text)
         if len(self._pending) == 1:
             self._publisher._mark(self)
+            return True
+        return False
 
     def _take_chunk(self) -> bytes | None:
         if not self._pending:

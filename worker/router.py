@@ -15,6 +15,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # never fetch the
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +29,14 @@ from litellm.types.router import RouterRateLimitError
 
 from contracts import ErrorCode, FunctionCall, Job, ToolCall, Usage
 from worker.assembly import Completion, StreamAssembler
+from worker.lean import TAP_HEADER, StreamBroken, StreamTap, install_tap, read_rest
 from worker.model_config import PRICE_KEYS, Deployment, ModelConfig
 
 log = structlog.get_logger(__name__)
 
-OnText = Callable[[str], None]
+# Called with each piece of streamed text; returns True when the event loop should run now,
+# because the text started a batch of replies that can leave.
+OnText = Callable[[str], bool]
 
 # The provider rejected the request itself: no retry or other deployment can fix it.
 _BAD_REQUEST = (
@@ -131,8 +135,10 @@ async def close_stream(stream: Any) -> None:
 class ModelRouter:
     """The model groups of one worker process."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, lean_streams: bool = True) -> None:
         quiet_litellm()
+        self.lean_streams = lean_streams
+        self._tap: StreamTap | None = install_tap() if lean_streams else None
         for key, value in config.litellm_settings.items():
             setattr(litellm, key, value)
         self.config = config
@@ -231,31 +237,28 @@ class ModelRouter:
         )
 
     async def stream(self, job: Job, on_text: OnText) -> Completion:
-        """A streamed answer: ``on_text`` sees each piece of text as it arrives."""
+        """A streamed answer: ``on_text`` sees each piece of text as it arrives.
+
+        With lean streams on, litellm reads the stream up to its first token and the rest is
+        parsed here (see ``worker.lean``); other providers stay on litellm's path throughout.
+        """
         self._require_group(job.model)
         answer = StreamAssembler()
+        kwargs = self._call_kwargs(job)
+        tag = None
+        if self.lean_streams and self._tap is not None:
+            tag = uuid.uuid4().hex
+            kwargs["extra_headers"] = {TAP_HEADER: tag}
         stream: Any = None
         try:
-            stream = await self._router.acompletion(
-                **self._call_kwargs(job), stream=True, stream_options={"include_usage": True}
-            )
+            stream = await self._router.acompletion(**kwargs, stream=True, stream_options={"include_usage": True})
+            tapped = self._tap.take(tag) if tag and self._tap else None
             async for chunk in stream:
-                usage = getattr(chunk, "usage", None)
-                if usage is not None:
-                    answer.set_usage(usage.prompt_tokens, usage.completion_tokens)
-                if not chunk.choices:
-                    continue
-                choice = chunk.choices[0]
-                delta = choice.delta
-                if delta.content:
-                    answer.add_text(delta.content)
-                    on_text(delta.content)
-                for call in delta.tool_calls or ():
-                    fn = call.function
-                    answer.add_tool_fragment(call.index or 0, call.id, fn.name if fn else None, fn.arguments if fn else None)
-                if choice.finish_reason:
-                    answer.finish_reason = choice.finish_reason
-        except _ROUTER_FAILURES as exc:
+                await self._take_chunk(chunk, answer, on_text)
+            if tapped is not None:
+                answer.forget_end()  # litellm saw a synthetic end after the head
+                await read_rest(tapped, answer, on_text)
+        except (*_ROUTER_FAILURES, StreamBroken) as exc:
             if answer.chunks_seen:
                 self._cool_down(stream, exc)
                 raise RouteError(
@@ -264,6 +267,8 @@ class ModelRouter:
             raise classify(job.model, exc) from exc
         finally:
             await close_stream(stream)
+            if tag and self._tap:
+                await self._tap.discard(tag)
         return self._finish(
             job,
             getattr(stream, "_hidden_params", {}) or {},
@@ -273,6 +278,25 @@ class ModelRouter:
             answer.completion_tokens,
             answer.finish_reason,
         )
+
+    @staticmethod
+    async def _take_chunk(chunk: Any, answer: StreamAssembler, on_text: OnText) -> None:
+        usage = getattr(chunk, "usage", None)
+        if usage is not None:
+            answer.set_usage(usage.prompt_tokens, usage.completion_tokens)
+        if not chunk.choices:
+            return
+        choice = chunk.choices[0]
+        delta = choice.delta
+        if delta.content:
+            answer.add_text(delta.content)
+            if on_text(delta.content):
+                await asyncio.sleep(0)  # let the publisher send the batch this text started
+        for call in delta.tool_calls or ():
+            fn = call.function
+            answer.add_tool_fragment(call.index or 0, call.id, fn.name if fn else None, fn.arguments if fn else None)
+        if choice.finish_reason:
+            answer.finish_reason = choice.finish_reason
 
     def _cool_down(self, stream: Any, exc: Exception) -> None:
         """Cool down a deployment whose stream broke after tokens, so that the job's restart goes

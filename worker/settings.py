@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     job_timeout_s: float = Field(default=600.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    lean_streams: bool = Field(
+        default=True, description="parse OpenAI-compatible streams here instead of through litellm's wrapper"
+    )
     stream_restarts: int = Field(
         default=1, ge=0, description="times a stream that broke after chunks starts again as a new attempt"
     )

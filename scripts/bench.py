@@ -1,0 +1,499 @@
+"""Benchmark: the worker pool against bare litellm Router calls, in one run, as ratios.
+
+Starts a private redis-server and the stand-in model (instant answers), then measures:
+
+* baseline: bare ``Router.acompletion`` in this process at concurrency C, stream and not;
+* the same jobs through Redis and worker processes (closed loop: C jobs always in flight);
+* tokens/s on 200-token streams, added time to first token, scale-out over worker processes,
+  RSS per in-flight stream, and start-up time to the first job served.
+
+Replies are read by a bare RESP subscriber (hiredis), so that the measuring side costs little.
+Prints a table, writes JSON (and a PNG with --plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import hiredis
+import msgspec
+import redis.asyncio as aioredis
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---- the measuring side: a bare subscriber --------------------------------------------------
+
+
+class _Reply(msgspec.Struct):
+    type: str
+    request_id: str
+    text: str = ""
+
+
+_decode = msgspec.json.Decoder(_Reply).decode
+
+
+@dataclass
+class Pending:
+    sent: float
+    first: float | None = None
+    done: asyncio.Future[float] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    chunks: int = 0
+    kind: str = ""
+
+
+class Subscriber:
+    """PSUBSCRIBE on a raw socket: a few microseconds per message."""
+
+    def __init__(self, port: int, pattern: str) -> None:
+        self.port = port
+        self.pattern = pattern
+        self.waiting: dict[str, Pending] = {}
+        self.messages = 0
+
+    async def start(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(f"*2\r\n$10\r\nPSUBSCRIBE\r\n${len(self.pattern)}\r\n{self.pattern}\r\n".encode())
+        await self.writer.drain()
+        self.parser = hiredis.Reader()
+        self.parser.feed(await self.reader.read(65536))
+        assert self.parser.gets()[0] == b"psubscribe"
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        parser, waiting = self.parser, self.waiting
+        while True:
+            data = await self.reader.read(1 << 20)
+            if not data:
+                return
+            parser.feed(data)
+            now = time.perf_counter()
+            while (item := parser.gets()) is not False:
+                self.messages += 1
+                reply = _decode(item[3])
+                pending = waiting.get(reply.request_id)
+                if pending is None:
+                    continue
+                if reply.type == "chunk":
+                    pending.chunks += 1
+                    if pending.first is None:
+                        pending.first = now
+                else:
+                    pending.kind = reply.type
+                    if pending.first is None:
+                        pending.first = now
+                    pending.done.set_result(now)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        self.writer.close()
+
+
+# ---- environment ----------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="llm-bench-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Bench:
+        self.redis_port = free_port()
+        redis_bin = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.procs.append(subprocess.Popen(
+            [redis_bin, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.tmp)], stdout=subprocess.DEVNULL))
+        self.model_port = free_port()
+        self.procs.append(subprocess.Popen(
+            [PY, str(ROOT / "scripts" / "standin_model.py"), "--port", str(self.model_port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_port(self.redis_port)
+        wait_port(self.model_port)
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.config = self.tmp / "models.yaml"
+        base = f"http://127.0.0.1:{self.model_port}"
+        self.config.write_text(yaml.safe_dump({
+            "model_list": [
+                {"model_name": "bench", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": base + "/v1", "api_key": "sk-bench"}},
+                {"model_name": "bench-anthropic", "litellm_params": {"model": "anthropic/claude-sonnet-4-5", "api_base": base, "api_key": "sk-bench"}},
+                {"model_name": "bench-ollama", "litellm_params": {"model": "ollama_chat/llama3.2", "api_base": base}},
+            ],
+            "router_settings": {"num_retries": 0, "timeout": 60, "stream_timeout": 60},
+        }))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def spawn_workers(self, count: int, prefix: str, concurrency: int, **env: str) -> list[subprocess.Popen[bytes]]:
+        full = dict(os.environ, REDIS_URL=self.redis_url, LLM_WORKER_CONFIG=str(self.config), LLM_WORKER_PREFIX=prefix,
+                    LLM_WORKER_CONCURRENCY=str(concurrency), LLM_WORKER_LOG_LEVEL="WARNING")
+        full.update(env)
+        return [subprocess.Popen([PY, "-m", "worker"], env=full, cwd=ROOT, stderr=subprocess.DEVNULL) for _ in range(count)]
+
+
+async def wait_workers(redis: aioredis.Redis, prefix: str, count: int, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if len([k async for k in redis.scan_iter(f"{prefix}:worker:*")]) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError("workers did not start")
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait(timeout=60)
+
+
+def job_bytes(prefix: str, rid: str, text: str, stream: bool, model: str = "bench") -> bytes:
+    return json.dumps({"request_id": rid, "tenant_id": "bench", "model": model, "stream": stream,
+                       "messages": [{"role": "user", "content": text}]}).encode()
+
+
+# ---- measurements -----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    calls: int
+    seconds: float
+    ttft: list[float]
+    tokens: int = 0
+    chunks: int = 0
+    cpu_s: float = 0.0
+
+    @property
+    def per_s(self) -> float:
+        return self.calls / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+async def closed_loop(concurrency: int, total: int, one: Callable[[int], Any]) -> float:
+    counter = iter(range(total))
+
+    async def user() -> None:
+        for i in counter:
+            await one(i)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+async def baseline(router: Any, concurrency: int, total: int, stream: bool, tokens: int, model: str = "bench") -> Run:
+    ttft: list[float] = []
+    counted = [0, 0]
+    text = f"#tokens={tokens}"
+
+    async def one(i: int) -> None:
+        started = time.perf_counter()
+        messages = [{"role": "user", "content": text}]
+        if not stream:
+            await router.acompletion(model=model, messages=messages)
+            ttft.append(time.perf_counter() - started)
+            return
+        response = await router.acompletion(model=model, messages=messages, stream=True, stream_options={"include_usage": True})
+        first = None
+        async for chunk in response:
+            if chunk.choices and chunk.choices[0].delta.content:
+                counted[1] += 1
+                if first is None:
+                    first = time.perf_counter()
+                    ttft.append(first - started)
+        counted[0] += tokens
+
+    cpu = time.process_time()
+    seconds = await closed_loop(concurrency, total, one)
+    return Run(total, seconds, ttft, counted[0], counted[1], time.process_time() - cpu)
+
+
+async def through_workers(redis: aioredis.Redis, sub: Subscriber, prefix: str, concurrency: int, total: int,
+                          stream: bool, tokens: int, model: str = "bench") -> Run:
+    ttft: list[float] = []
+    stats = [0, 0]
+    jobs = f"{prefix}:jobs"
+    run = uuid.uuid4().hex[:6]
+
+    async def one(i: int) -> None:
+        rid = f"{run}-{i}"
+        pending = sub.waiting[rid] = Pending(time.perf_counter())
+        await redis.xadd(jobs, {"job": job_bytes(prefix, rid, f"#tokens={tokens}", stream, model)})
+        await pending.done
+        del sub.waiting[rid]
+        if pending.kind == "error":
+            raise RuntimeError(f"job {rid} failed")
+        ttft.append((pending.first or pending.done.result()) - pending.sent)
+        stats[0] += tokens
+        stats[1] += pending.chunks
+
+    seconds = await closed_loop(concurrency, total, one)
+    return Run(total, seconds, ttft, stats[0], stats[1])
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from worker.model_config import load_model_config
+    from worker.router import ModelRouter
+
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": "scripts/bench " + " ".join(sys.argv[1:]),
+        "concurrency": args.concurrency,
+    }
+    c, n = args.concurrency, args.jobs
+    with Bench(args) as env:
+        model_router = ModelRouter(load_model_config(env.config))
+        await model_router.warm_up()
+        router = model_router._router
+        redis = aioredis.Redis.from_url(env.redis_url)
+
+        async def pool(workers: int, **worker_env: str) -> tuple[str, list[subprocess.Popen[bytes]], Subscriber]:
+            prefix = "b" + uuid.uuid4().hex[:6]
+            await redis.xgroup_create(f"{prefix}:jobs", f"{prefix}:workers", id="$", mkstream=True)
+            procs = env.spawn_workers(workers, prefix, max(c, args.slots), **worker_env)
+            await wait_workers(redis, prefix, workers)
+            sub = Subscriber(env.redis_port, f"{prefix}:reply:*")
+            await sub.start()
+            return prefix, procs, sub
+
+        # warm both sides before timing
+        await baseline(router, 4, 20, True, 5)
+
+        print("baseline …", file=sys.stderr)
+        base_ns = await baseline(router, c, n, False, 20)
+        base_s50 = await baseline(router, c, n, True, 50)
+        base_s200 = await baseline(router, c, max(n // 4, 20), True, 200)
+        base_ttft1 = await baseline(router, 1, args.ttft_jobs, True, 20)
+        results["baseline"] = {
+            "non_stream_calls_per_s": base_ns.per_s,
+            "stream50_calls_per_s": base_s50.per_s,
+            "stream200_tokens_per_s": base_s200.tokens_per_s,
+            "cpu_ms_per_stream50_call": 1000 * base_s50.cpu_s / base_s50.calls,
+            "ttft_ms_1_in_flight": {"p50": 1000 * pct(base_ttft1.ttft, 0.5), "p99": 1000 * pct(base_ttft1.ttft, 0.99)},
+            "ttft_ms_at_load": {"p50": 1000 * pct(base_s50.ttft, 0.5), "p99": 1000 * pct(base_s50.ttft, 0.99)},
+        }
+
+        print("one worker …", file=sys.stderr)
+        prefix, procs, sub = await pool(1)
+        await through_workers(redis, sub, prefix, 4, 20, True, 5)  # warm
+        w_ns = await through_workers(redis, sub, prefix, c, n, False, 20)
+        w_s50 = await through_workers(redis, sub, prefix, c, n, True, 50)
+        w_s200 = await through_workers(redis, sub, prefix, c, max(n // 4, 20), True, 200)
+        w_ttft1 = await through_workers(redis, sub, prefix, 1, args.ttft_jobs, True, 20)
+        await sub.stop()
+        stop_workers(procs)
+        results["worker"] = {
+            "non_stream_jobs_per_s": w_ns.per_s,
+            "stream50_jobs_per_s": w_s50.per_s,
+            "stream200_tokens_per_s": w_s200.tokens_per_s,
+            "stream200_chunk_messages_per_s": w_s200.chunks / w_s200.seconds,
+            "ttft_ms_1_in_flight": {"p50": 1000 * pct(w_ttft1.ttft, 0.5), "p99": 1000 * pct(w_ttft1.ttft, 0.99)},
+            "ttft_ms_at_load": {"p50": 1000 * pct(w_s50.ttft, 0.5), "p99": 1000 * pct(w_s50.ttft, 0.99)},
+        }
+        results["ratios"] = {
+            "non_stream_jobs_vs_baseline": w_ns.per_s / base_ns.per_s,
+            "stream50_jobs_vs_baseline": w_s50.per_s / base_s50.per_s,
+            "stream200_tokens_vs_baseline": w_s200.tokens_per_s / base_s200.tokens_per_s,
+        }
+        results["added_ttft_ms"] = {
+            "1_in_flight": {q: results["worker"]["ttft_ms_1_in_flight"][q] - results["baseline"]["ttft_ms_1_in_flight"][q] for q in ("p50", "p99")},
+            "at_load": {q: results["worker"]["ttft_ms_at_load"][q] - results["baseline"]["ttft_ms_at_load"][q] for q in ("p50", "p99")},
+        }
+
+        scale: dict[str, float] = {}
+        for workers in args.workers:
+            print(f"{workers} worker(s) …", file=sys.stderr)
+            prefix, procs, sub = await pool(workers)
+            await through_workers(redis, sub, prefix, 8, 40, True, 5)
+            run = await through_workers(redis, sub, prefix, c * workers, n * workers, True, 50)
+            scale[str(workers)] = run.per_s
+            await sub.stop()
+            stop_workers(procs)
+        results["scale_out_stream50_jobs_per_s"] = scale
+
+        if args.memory_streams:
+            print("memory …", file=sys.stderr)
+            prefix, procs, sub = await pool(1, LLM_WORKER_CONCURRENCY=str(args.memory_streams))
+            idle = rss_kib(procs[0].pid)
+            for i in range(args.memory_streams):
+                await redis.xadd(f"{prefix}:jobs", {"job": job_bytes(prefix, f"mem-{i}", "#tokens=100000 #slow=200", True)})
+            end = time.monotonic() + 60
+            busy = 0
+            while time.monotonic() < end:
+                raw = [await redis.get(k) async for k in redis.scan_iter(f"{prefix}:worker:*")]
+                flights = sum(json.loads(r)["in_flight"] for r in raw if r)
+                if flights >= args.memory_streams:
+                    await asyncio.sleep(2.0)  # let every stream get going
+                    busy = rss_kib(procs[0].pid)
+                    break
+                await asyncio.sleep(0.2)
+            results["memory"] = {"streams": args.memory_streams, "idle_rss_kib": idle, "busy_rss_kib": busy,
+                                 "kib_per_stream": (busy - idle) / args.memory_streams if busy else None}
+            for proc in procs:
+                proc.kill()
+            await sub.stop()
+
+        print("start-up …", file=sys.stderr)
+        prefix = "b" + uuid.uuid4().hex[:6]
+        await redis.xgroup_create(f"{prefix}:jobs", f"{prefix}:workers", id="$", mkstream=True)
+        sub = Subscriber(env.redis_port, f"{prefix}:reply:*")
+        await sub.start()
+        pending = sub.waiting["start-1"] = Pending(time.perf_counter())
+        procs = env.spawn_workers(1, prefix, 4)
+        await redis.xadd(f"{prefix}:jobs", {"job": job_bytes(prefix, "start-1", "hello", False)})
+        results["startup_to_first_job_s"] = (await pending.done) - pending.sent
+        await sub.stop()
+        stop_workers(procs)
+        await redis.aclose()
+    return results
+
+
+def table(r: dict[str, Any]) -> str:
+    b, w, ratio, added = r["baseline"], r["worker"], r["ratios"], r["added_ttft_ms"]
+    rows = [
+        ("non-stream calls/s", f"{b['non_stream_calls_per_s']:.0f}", f"{w['non_stream_jobs_per_s']:.0f}", f"{ratio['non_stream_jobs_vs_baseline']:.2f}×", "≥ 0.9×"),
+        ("stream (50 tok) calls/s", f"{b['stream50_calls_per_s']:.0f}", f"{w['stream50_jobs_per_s']:.0f}", f"{ratio['stream50_jobs_vs_baseline']:.2f}×", "≥ 0.9×"),
+        ("tokens/s (200-tok streams)", f"{b['stream200_tokens_per_s']:.0f}", f"{w['stream200_tokens_per_s']:.0f}", f"{ratio['stream200_tokens_vs_baseline']:.2f}×", "≥ 3×"),
+        ("chunk messages/s", "", f"{w['stream200_chunk_messages_per_s']:.0f}", "", ""),
+        ("TTFT p50/p99 ms, 1 in flight", "{p50:.2f} / {p99:.2f}".format(**b["ttft_ms_1_in_flight"]), "{p50:.2f} / {p99:.2f}".format(**w["ttft_ms_1_in_flight"]), "+{p50:.2f} / +{p99:.2f}".format(**added["1_in_flight"]), "≤ +2 / +10"),
+        ("TTFT p50/p99 ms, at load", "{p50:.1f} / {p99:.1f}".format(**b["ttft_ms_at_load"]), "{p50:.1f} / {p99:.1f}".format(**w["ttft_ms_at_load"]), "+{p50:.1f} / +{p99:.1f}".format(**added["at_load"]), ""),
+    ]
+    scale = r["scale_out_stream50_jobs_per_s"]
+    if "1" in scale:
+        for k, v in scale.items():
+            rows.append((f"{k} worker process(es), jobs/s", "", f"{v:.0f}", f"{v / scale['1']:.2f}× of 1", "2: ≥ 1.7×" if k == "2" else ""))
+    if r.get("memory", {}).get("kib_per_stream") is not None:
+        m = r["memory"]
+        rows.append((f"RSS per in-flight stream ({m['streams']})", "", f"{m['kib_per_stream']:.1f} KiB", "", "≤ 50 KiB"))
+    rows.append(("start-up to first job served", "", f"{r['startup_to_first_job_s']:.2f} s", "", "≤ 3 s"))
+    widths = [max(len(str(row[i])) for row in [*rows, ("figure", "bare litellm", "worker", "ratio / added", "target")]) for i in range(5)]
+    lines = []
+    for row in [("figure", "bare litellm", "worker", "ratio / added", "target"), *rows]:
+        lines.append("  ".join(str(cell).ljust(widths[i]) for i, cell in enumerate(row)))
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    scale = r["scale_out_stream50_jobs_per_s"]
+    xs = [int(k) for k in scale]
+    left.plot(xs, list(scale.values()), "o-", label="worker pool")
+    left.axhline(r["baseline"]["stream50_calls_per_s"], color="grey", ls="--", label="bare litellm, 1 process")
+    left.set_xlabel("worker processes")
+    left.set_ylabel("jobs/s (50-token streams)")
+    left.set_xticks(xs)
+    left.set_title("throughput vs worker processes")
+    left.legend()
+    labels = ["1 in flight p50", "1 in flight p99", "at load p50", "at load p99"]
+    added = r["added_ttft_ms"]
+    values = [added["1_in_flight"]["p50"], added["1_in_flight"]["p99"], added["at_load"]["p50"], added["at_load"]["p99"]]
+    right.bar(labels, values, color=["#4c72b0", "#4c72b0", "#dd8452", "#dd8452"])
+    right.set_ylabel("ms added to time to first token")
+    right.set_title("queue's added TTFT vs bare litellm")
+    right.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"llm-pool-worker bench, {r['date']}, {r['machine']['cpus']} CPUs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", "-c", type=int, default=64)
+    parser.add_argument("--jobs", "-n", type=int, default=1000, help="jobs per throughput figure")
+    parser.add_argument("--ttft-jobs", type=int, default=200)
+    parser.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    parser.add_argument("--memory-streams", type=int, default=1000)
+    parser.add_argument("--slots", type=int, default=64, help="worker concurrency (at least -c)")
+    parser.add_argument("--quick", action="store_true", help="a few jobs of each kind: checks that the bench runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results.json")
+    parser.add_argument("--plot", type=Path, help="write a PNG of throughput vs workers and added TTFT")
+    args = parser.parse_args()
+    if args.quick:
+        args.concurrency, args.jobs, args.ttft_jobs, args.workers, args.memory_streams = 4, 24, 10, [1], 10
+    try:
+        import uvloop
+
+        runner: Callable[[Any], Any] = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    results = runner(measure(args))
+    print(table(results))
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.plot:
+        plot(results, args.plot)
+    print(f"\nwritten: {args.out}" + (f", {args.plot}" if args.plot else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
