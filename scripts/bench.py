@@ -311,7 +311,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         model_router = ModelRouter(load_model_config(env.config))
         await model_router.warm_up()
         router = model_router._router
-        redis = aioredis.Redis.from_url(env.redis_url)
+        redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(env.redis_url, max_connections=32))
 
         async def pool(workers: int, **worker_env: str) -> tuple[str, list[subprocess.Popen[bytes]], Subscriber]:
             prefix = "b" + uuid.uuid4().hex[:6]

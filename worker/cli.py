@@ -108,11 +108,27 @@ async def ask(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def profiled(settings: Settings, path: Path) -> None:
+    """Run the worker under pyinstrument (a dev dependency) and write where its CPU time went."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0005, async_mode="disabled")
+    profiler.start()
+    try:
+        uvloop.run(serve(settings))
+    finally:
+        profiler.stop()
+        path.write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "run":
-        uvloop.run(serve(settings))
+        if settings.profile is None:
+            uvloop.run(serve(settings))
+        else:
+            profiled(settings, settings.profile)
         sys.exit(0)
     sys.exit(uvloop.run(ask(settings, args)))

@@ -14,9 +14,10 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -49,6 +50,8 @@ class Entry:
     id: bytes
     fields: dict[bytes, bytes]
     deliveries: int = 1
+    stored: bytes | None = None  # the job's outcome, if already stored: looked up at admission
+    cancel_flag: bool = False  # its cancel key existed at admission
 
 
 @dataclass(slots=True)
@@ -98,7 +101,7 @@ class Worker:
         self.stats = Stats()
         self.redis = connect(settings, max_connections=settings.concurrency + 16)
         self.reader = connect(settings, single=True)
-        self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s)
+        self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s, settings.chunk_window_ms / 1000)
         self.heartbeat = HeartbeatKeeper(
             self.redis, self.keys.worker(self.consumer), settings.heartbeat_s, self._heartbeat
         )
@@ -109,8 +112,11 @@ class Worker:
         self._tasks: dict[asyncio.Task[None], Entry] = {}
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._admitting = 0
         self._running: dict[str, asyncio.Task[None]] = {}
         self._cancelled: set[str] = set()
+        # cancels of jobs not running here (yet): one may arrive between admission and start
+        self._cancels_seen: OrderedDict[str, bool] = OrderedDict()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -177,7 +183,7 @@ class Worker:
     # ---- taking jobs --------------------------------------------------------------------
 
     def _free_slots(self) -> int:
-        return self.settings.concurrency - len(self._tasks)
+        return self.settings.concurrency - len(self._tasks) - self._admitting
 
     async def _consume(self) -> None:
         failures = 0
@@ -207,8 +213,7 @@ class Worker:
                 await asyncio.sleep(delay)
                 continue
             for _stream, entries in cast(StreamResponse, response or []):
-                for entry_id, fields in entries:
-                    self.spawn(Entry(entry_id, fields))
+                await self._admit([Entry(entry_id, fields) for entry_id, fields in entries])
 
     async def _resume_own_pending(self) -> None:
         """Run entries delivered to this consumer that it is not running: a read whose reply was
@@ -228,17 +233,17 @@ class Worker:
         deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
         running = {entry.id for entry in self._tasks.values()}
         for _stream, entries in cast(StreamResponse, response or []):
-            for entry_id, fields in entries:
-                if entry_id not in running and entry_id in deliveries:
-                    log.warning("resuming a job whose delivery was cut off", entry_id=entry_id.decode())
-                    self.spawn(Entry(entry_id, fields or {}, deliveries[entry_id]))
+            resumed = [Entry(i, f or {}, deliveries[i]) for i, f in entries if i not in running and i in deliveries]
+            for entry in resumed:
+                log.warning("resuming a job whose delivery was cut off", entry_id=entry.id.decode())
+            await self._admit(resumed)
 
     async def _recover(self) -> None:
         """Claim dead workers' jobs into free slots, every half heartbeat interval."""
         while not self._stopping.is_set():
             try:
-                for entry_id, fields, earlier in await self.reclaimer.claim(self._free_slots()):
-                    self.spawn(Entry(entry_id, fields, deliveries=earlier + 1))
+                claimed = await self.reclaimer.claim(self._free_slots())
+                await self._admit([Entry(entry_id, fields, earlier + 1) for entry_id, fields, earlier in claimed])
             except REDIS_DOWN as exc:
                 log.warning("recovery round skipped", error=type(exc).__name__)
             except ResponseError as exc:
@@ -246,8 +251,30 @@ class Worker:
                     log.error("recovery round failed", error=str(exc))
             await asyncio.sleep(jittered(self.settings.heartbeat_s / 2))
 
-    def spawn(self, entry: Entry) -> None:
-        task = asyncio.create_task(self._process(entry))
+    async def _admit(self, entries: list[Entry]) -> None:
+        """Start a batch of entries. One round trip looks up the stored outcomes and cancel keys
+        of the whole batch, instead of one per job."""
+        jobs: list[tuple[Entry, Job]] = []
+        for entry in entries:
+            raw = entry.fields.get(b"job")
+            try:
+                jobs.append((entry, decode_job(raw, self.settings.max_job_bytes)))
+            except InvalidJob as exc:
+                self._start(entry, self._reject(entry, raw, exc))
+        if not jobs:
+            return
+        self._admitting += len(jobs)
+        try:
+            keys = [k for _, job in jobs for k in (self.keys.result(job.request_id), self.keys.cancel_flag(job.request_id))]
+            found = cast(list[bytes | None], await self._until_redis(lambda: self.redis.mget(keys)))
+        finally:
+            self._admitting -= len(jobs)
+        for i, (entry, job) in enumerate(jobs):
+            entry.stored, entry.cancel_flag = found[2 * i], found[2 * i + 1] is not None
+            self._start(entry, self._serve(entry, job))
+
+    def _start(self, entry: Entry, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks[task] = entry
         task.add_done_callback(self._forget)
 
@@ -272,6 +299,9 @@ class Worker:
         """Stop the job's provider call if this worker runs it; it is answered ``cancelled``."""
         task = self._running.get(request_id)
         if task is None:
+            self._cancels_seen[request_id] = True
+            while len(self._cancels_seen) > 4096:
+                self._cancels_seen.popitem(last=False)
             return False
         log.info("cancelling job", request_id=request_id)
         self._cancelled.add(request_id)
@@ -285,16 +315,6 @@ class Worker:
         so that a redelivery always starts above every attempt an earlier delivery could use."""
         return (deliveries - 1) * (1 + self.settings.stream_restarts) + 1
 
-    async def _process(self, entry: Entry) -> None:
-        raw = entry.fields.get(b"job")
-        try:
-            job = decode_job(raw, self.settings.max_job_bytes)
-        except InvalidJob as exc:
-            await self._reject(entry, raw, exc)
-            return
-        with structlog.contextvars.bound_contextvars(request_id=job.request_id, tenant_id=job.tenant_id):
-            await self._serve(entry, job)
-
     async def _reject(self, entry: Entry, raw: bytes | None, exc: InvalidJob) -> None:
         log.warning("invalid job", entry_id=entry.id.decode(), request_id=exc.request_id, reason=exc.reason)
         message = f"invalid job: {exc.reason}"
@@ -306,22 +326,24 @@ class Worker:
         await self.publisher.outcome(reply, error if reply else None, entry.id, dead)
 
     async def _serve(self, entry: Entry, job: Job) -> None:
+        with structlog.contextvars.bound_contextvars(request_id=job.request_id, tenant_id=job.tenant_id):
+            await self._serve_bound(entry, job)
+
+    async def _serve_bound(self, entry: Entry, job: Job) -> None:
         reply = self.publisher.channel(job.request_id, self.first_attempt(entry.deliveries))
+        if entry.stored is not None:
+            log.info("outcome already stored; answering from the store", deliveries=entry.deliveries)
+            await self.publisher.outcome(reply, entry.stored, entry.id)
+            return
         task = cast("asyncio.Task[None]", asyncio.current_task())
         self._running[job.request_id] = task
         dead: DeadLetter | None = None
         try:
-            keys = (self.keys.result(job.request_id), self.keys.cancel_flag(job.request_id))
-            stored, cancel_flag = cast(list[bytes | None], await self._until_redis(lambda: self.redis.mget(keys)))
-            if stored is not None:
-                log.info("outcome already stored; answering from the store", deliveries=entry.deliveries)
-                await self.publisher.outcome(reply, stored, entry.id)
-                return
             if entry.deliveries > self.settings.max_attempts:
                 text = f"delivered {entry.deliveries} times, over the limit of {self.settings.max_attempts}"
                 message: Terminal = self._error(reply, ErrorCode.TOO_MANY_ATTEMPTS, text)
                 dead = DeadLetter(entry.fields.get(b"job"), ErrorCode.TOO_MANY_ATTEMPTS, text, entry.deliveries, self.consumer)
-            elif cancel_flag is not None:
+            elif entry.cancel_flag or self._cancels_seen.pop(job.request_id, False):
                 message = self._error(reply, ErrorCode.CANCELLED, "cancelled before it started")
             else:
                 reply, message = await self._generate(job, reply)

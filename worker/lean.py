@@ -27,6 +27,7 @@ import msgspec
 from worker.assembly import StreamAssembler
 
 TAP_HEADER = "x-llm-pool-stream"
+_TAP_KEY = TAP_HEADER.encode()
 
 # What litellm sees after the head: a finish, so that its stream ends cleanly.
 _SYNTHETIC_END = (
@@ -127,7 +128,8 @@ class StreamTap(httpx.AsyncBaseTransport):
             await tapped.aclose()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        tag = request.headers.get(TAP_HEADER)
+        # a scan of the raw list: httpx's Headers.get costs more than the rest of this check
+        tag = next((value.decode() for key, value in request.headers.raw if key.lower() == _TAP_KEY), None)
         response = await self.inner.handle_async_request(request)
         if tag is None or response.status_code != 200 or "event-stream" not in response.headers.get("content-type", ""):
             return response

@@ -104,10 +104,11 @@ class ReplyChannel:
 class Publisher:
     """The one writer of replies of a worker process."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, result_ttl_s: int) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, result_ttl_s: int, window_s: float = 0.0) -> None:
         self.redis = redis
         self.keys = keys
         self.result_ttl_s = result_ttl_s
+        self.window_s = window_s
         self._dirty: list[ReplyChannel] = []
         self._outcomes: list[_Outcome] = []
         self._wake = asyncio.Event()
@@ -151,6 +152,8 @@ class Publisher:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
+            if self.window_s:
+                await asyncio.sleep(self.window_s)  # let more tokens join this batch
             self._wake.clear()
             dirty, self._dirty = self._dirty, []
             outcomes, self._outcomes = self._outcomes, []

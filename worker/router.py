@@ -150,16 +150,12 @@ class ModelRouter:
     async def warm_up(self) -> None:
         """Pay litellm's lazy imports (about a second per provider) before the first job does.
 
-        Mock responses go through the same code paths without touching the network.
+        A mock response per group, streamed and not, goes through the same code paths as a
+        real call without touching the network.
         """
         messages = [{"role": "user", "content": "warm-up"}]
         for stream in (False, True):
-            for model in {d.model: d for d in self.config.deployments}:
-                response = await litellm.acompletion(model=model, messages=messages, mock_response="ok", stream=stream)
-                if stream:
-                    async for _ in response:
-                        pass
-            for group in self.groups:
+            for group in sorted(self.groups):
                 response = await self._router.acompletion(model=group, messages=messages, mock_response="ok", stream=stream)
                 if stream:
                     async for _ in response:
@@ -250,17 +246,20 @@ class ModelRouter:
             tag = uuid.uuid4().hex
             kwargs["extra_headers"] = {TAP_HEADER: tag}
         stream: Any = None
+        hidden: Mapping[str, Any] = {}
         try:
             stream = await self._router.acompletion(**kwargs, stream=True, stream_options={"include_usage": True})
             tapped = self._tap.take(tag) if tag and self._tap else None
             async for chunk in stream:
                 await self._take_chunk(chunk, answer, on_text)
+            hidden = getattr(stream, "_hidden_params", None) or {}
             if tapped is not None:
                 answer.forget_end()  # litellm saw a synthetic end after the head
+                stream = None  # litellm is done with this call: let its objects go while the stream runs on
                 await read_rest(tapped, answer, on_text)
         except (*_ROUTER_FAILURES, StreamBroken) as exc:
             if answer.chunks_seen:
-                self._cool_down(stream, exc)
+                self._cool_down(hidden or getattr(stream, "_hidden_params", None) or {}, exc)
                 raise RouteError(
                     ErrorCode.INTERRUPTED, "the provider stream broke part-way: " + describe_failure(job.model, exc)
                 ) from exc
@@ -271,7 +270,7 @@ class ModelRouter:
                 await self._tap.discard(tag)
         return self._finish(
             job,
-            getattr(stream, "_hidden_params", {}) or {},
+            hidden,
             answer.content,
             answer.tool_calls(),
             answer.prompt_tokens,
@@ -298,11 +297,11 @@ class ModelRouter:
         if choice.finish_reason:
             answer.finish_reason = choice.finish_reason
 
-    def _cool_down(self, stream: Any, exc: Exception) -> None:
+    def _cool_down(self, hidden: Mapping[str, Any], exc: Exception) -> None:
         """Cool down a deployment whose stream broke after tokens, so that the job's restart goes
         elsewhere: litellm counts only failures before the first chunk. A group's only deployment
         is left alone, as litellm leaves it."""
-        deployment = self.deployment((getattr(stream, "_hidden_params", None) or {}).get("model_id"))
+        deployment = self.deployment(hidden.get("model_id"))
         if deployment is None or sum(d.group == deployment.group for d in self.config.deployments) < 2:
             return
         status = getattr(exc, "status_code", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_CONFIG = Path(__file__).with_name("models.yaml")
@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     job_timeout_s: float = Field(default=600.0, gt=0)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    chunk_window_ms: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="wait this long after a token before publishing, so that more join its chunk; "
+        "0 sends at once (tokens that arrive during a Redis round trip still share a chunk)",
+    )
     lean_streams: bool = Field(
         default=True, description="parse OpenAI-compatible streams here instead of through litellm's wrapper"
     )
@@ -38,6 +43,14 @@ class Settings(BaseSettings):
     redis_socket_timeout_s: float = Field(default=5.0, gt=0)
     log_level: str = Field(default="INFO")
     log_format: str = Field(default="auto", pattern=r"^(auto|json|console)$")
+    profile: Path | None = Field(default=None, description="write a pyinstrument CPU profile here at exit")
+
+    @model_validator(mode="after")
+    def _block_shorter_than_socket_timeout(self) -> Settings:
+        # a blocking read longer than the socket timeout times out and retries forever (PITFALLS)
+        if self.block_ms / 1000 >= self.redis_socket_timeout_s:
+            raise ValueError("block_ms must be shorter than redis_socket_timeout_s")
+        return self
 
     @property
     def heartbeat_ttl_s(self) -> int:
