@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,26 +36,10 @@ import hiredis
 import msgspec
 import redis.asyncio as aioredis
 import yaml
+from localports import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} never opened")
 
 
 def rss_kib(pid: int) -> int:
@@ -160,8 +143,8 @@ class Bench:
         self.procs.append(subprocess.Popen(
             [PY, str(ROOT / "scripts" / "standin_model.py"), "--port", str(self.model_port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_port(self.redis_port)
-        wait_port(self.model_port)
+        wait_for_port(self.redis_port)
+        wait_for_port(self.model_port)
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.config = self.tmp / "models.yaml"
         base = f"http://127.0.0.1:{self.model_port}"
@@ -528,7 +511,9 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     if args.plot:
         plot(results, args.plot)
-    print(f"\nwritten: {args.out}" + (f", {args.plot}" if args.plot else ""), file=sys.stderr)
+    written = ([] if args.from_json else [str(args.out)]) + ([str(args.plot)] if args.plot else [])
+    if written:
+        print("\nwritten: " + ", ".join(written), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,28 +25,12 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
+from scripts.localports import free_port, wait_for_port
 from worker.client import LLMClient
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "scripts" / "standin_model.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
 
 
 @dataclass
