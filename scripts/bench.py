@@ -386,7 +386,8 @@ async def memory(redis: aioredis.Redis, pool: Any, streams: int) -> dict[str, An
     """RSS per in-flight stream. A first wave of streams grows the process once (connection pool,
     allocator arenas, litellm's caches) and that memory stays; the figure is the second wave's,
     as in a worker that has carried such a load before. The first wave's is reported beside it."""
-    prefix, procs, sub = await pool(1, LLM_WORKER_CONCURRENCY=str(streams))
+    # heartbeats every 0.5 s: their in_flight count tells when every stream has started
+    prefix, procs, sub = await pool(1, LLM_WORKER_CONCURRENCY=str(streams), LLM_WORKER_HEARTBEAT_S="0.5")
     pid = procs[0].pid
 
     async def wave(name: str, text: str) -> int:
@@ -412,7 +413,7 @@ async def memory(redis: aioredis.Redis, pool: Any, streams: int) -> dict[str, An
         raise RuntimeError("the first wave never ended")
 
     fresh = rss_kib(pid)
-    first = await wave("first", "#tokens=40 #slow=100")  # about 4 s each, then they end
+    first = await wave("first", "#tokens=60 #slow=100")  # about 6 s each, then they end
     warm = await idle()
     second = await wave("second", "#tokens=100000 #slow=200")
     for proc in procs:

@@ -14,6 +14,7 @@ the last user message (e.g. ``"hello #tokens=50 #tool"``):
 ``fail-S``     answer HTTP status S with a provider-style error body
 ``hang``       accept the request and never answer
 ``drop-N``     streaming: close the connection after N chunks (non-stream: at once)
+``stall-N``    streaming: fall silent after N chunks, keeping the connection open
 ``slow-MS``    wait MS milliseconds before each chunk (and before a non-stream answer)
 ``length``     finish with ``length`` instead of ``stop``
 ``nousage``    send no token counts
@@ -49,6 +50,7 @@ class Plan:
     tool: dict[str, Any] | None = None
     fail: int | None = None
     hang: bool = False
+    stall_after: int | None = None
     drop_after: int | None = None
     delay_s: float = 0.0
     finish: str = "stop"
@@ -95,6 +97,7 @@ def make_plan(model: str, messages: list[dict[str, Any]], tools: list[dict[str, 
         plan.finish = "tool_calls"
     plan.fail = d.get("fail")
     plan.hang = "hang" in d
+    plan.stall_after = d.get("stall")
     plan.drop_after = d.get("drop")
     plan.delay_s = (d.get("slow") or 0) / 1000
     if "length" in d:
@@ -183,7 +186,7 @@ class StandIn:
         resp = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
         await resp.prepare(request)
         try:
-            if plan.delay_s or plan.drop_after is not None:
+            if plan.delay_s or plan.drop_after is not None or plan.stall_after is not None:
                 async for frame in frames:
                     await resp.write(frame)
             else:  # instant answers leave in one write: the stand-in must not be what a benchmark measures
@@ -198,6 +201,8 @@ class StandIn:
         for i, token in enumerate(plan.tokens):
             if plan.drop_after is not None and i >= plan.drop_after:
                 await self._drop(request)
+            if plan.stall_after is not None and i >= plan.stall_after:
+                await asyncio.sleep(3600)  # the connection stays open, silent
             if plan.delay_s:
                 await asyncio.sleep(plan.delay_s)
             yield i, token

@@ -350,3 +350,18 @@ async def test_client_keeps_only_the_attempt_that_finished(client: LLMClient, wo
     assert isinstance(done, Done) and done.content == "one two three four"
     last = [e for e in events if e.attempt == done.attempt]
     assert "".join(e.text for e in last if isinstance(e, Chunk)) == done.content
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "litellm"])
+async def test_stream_that_falls_silent_is_cut_by_the_stream_timeout(lean: bool, client: LLMClient, worker: Any, router: Any) -> None:
+    """stream_timeout (1 s for this deployment) bounds the wait for each chunk, on both paths."""
+    router.lean_streams = lean
+    started = time.monotonic()
+    chunks = []
+    with pytest.raises(JobFailed) as caught:
+        async for event in client.stream("stalls", user("a b c d e f"), tenant_id="t", timeout=30):
+            chunks.append(event)
+    assert caught.value.code == ErrorCode.INTERRUPTED
+    assert "".join(c.text for c in chunks if c.attempt == caught.value.error.attempt) == "a b"
+    assert time.monotonic() - started < 10, "well before the job time limit of 20 s"
+    router.lean_streams = True
