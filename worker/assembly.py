@@ -53,9 +53,9 @@ class StreamAssembler:
             call.arguments.append(arguments)
 
     def set_usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> None:
-        if prompt_tokens:
+        if prompt_tokens:  # every request has prompt tokens: a 0 means the provider sent none
             self.prompt_tokens = prompt_tokens
-        if completion_tokens:
+        if completion_tokens is not None:
             self.completion_tokens = completion_tokens
 
     def forget_end(self) -> None:

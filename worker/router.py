@@ -27,7 +27,7 @@ from litellm import exceptions as llm_errors
 from litellm.router import Router
 from litellm.types.router import RouterRateLimitError
 
-from contracts import ErrorCode, FunctionCall, Job, ToolCall, Usage
+from contracts import ErrorCode, Job, ToolCall, Usage
 from worker.assembly import Completion, StreamAssembler
 from worker.lean import TAP_HEADER, StreamBroken, StreamTap, install_tap, read_rest
 from worker.model_config import PRICE_KEYS, Deployment, ModelConfig
@@ -170,23 +170,17 @@ class ModelRouter:
             kwargs["tools"] = job.tools
         return kwargs
 
-    def _finish(
-        self,
-        job: Job,
-        hidden: Mapping[str, Any],
-        content: str,
-        tool_calls: list[ToolCall],
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-        finish_reason: str | None,
-    ) -> Completion:
+    def _finish(self, job: Job, hidden: Mapping[str, Any], answer: StreamAssembler) -> Completion:
+        """The answer in the contract's terms: which deployment answered, usage, cost."""
         deployment = self.deployment(hidden.get("model_id"))
         provider_model = deployment.model if deployment else str(hidden.get("litellm_model_name") or job.model)
-        if prompt_tokens and completion_tokens is not None:
-            usage = Usage(prompt_tokens, completion_tokens, estimated=False)
+        content, tool_calls = answer.content, answer.tool_calls()
+        if answer.prompt_tokens and answer.completion_tokens is not None:
+            usage = Usage(answer.prompt_tokens, answer.completion_tokens, estimated=False)
         else:
             usage = self._estimate_usage(provider_model, job, content, tool_calls)
         price = self._prices.get(deployment.id) if deployment else None
+        finish_reason = answer.finish_reason
         if tool_calls and finish_reason in (None, "stop"):
             finish_reason = "tool_calls"
         return Completion(
@@ -216,21 +210,14 @@ class ModelRouter:
         except _ROUTER_FAILURES as exc:
             raise classify(job.model, exc) from exc
         choice = response.choices[0]
-        message = choice.message
-        calls = [
-            ToolCall(id=c.id or f"call_{i}", function=FunctionCall(name=c.function.name or "", arguments=c.function.arguments or ""))
-            for i, c in enumerate(message.tool_calls or [])
-        ]
+        answer = StreamAssembler()  # a whole answer is a stream of one delta
+        answer.add_text(choice.message.content or "")
+        for i, call in enumerate(choice.message.tool_calls or ()):
+            answer.add_tool_fragment(i, call.id, call.function.name, call.function.arguments)
         usage = getattr(response, "usage", None)
-        return self._finish(
-            job,
-            getattr(response, "_hidden_params", {}) or {},
-            message.content or "",
-            calls,
-            getattr(usage, "prompt_tokens", None),
-            getattr(usage, "completion_tokens", None),
-            choice.finish_reason,
-        )
+        answer.set_usage(getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None))
+        answer.finish_reason = choice.finish_reason
+        return self._finish(job, getattr(response, "_hidden_params", None) or {}, answer)
 
     async def stream(self, job: Job, on_text: OnText) -> Completion:
         """A streamed answer: ``on_text`` sees each piece of text as it arrives.
@@ -268,15 +255,7 @@ class ModelRouter:
             await close_stream(stream)
             if tag and self._tap:
                 await self._tap.discard(tag)
-        return self._finish(
-            job,
-            hidden,
-            answer.content,
-            answer.tool_calls(),
-            answer.prompt_tokens,
-            answer.completion_tokens,
-            answer.finish_reason,
-        )
+        return self._finish(job, hidden, answer)
 
     @staticmethod
     async def _take_chunk(chunk: Any, answer: StreamAssembler, on_text: OnText) -> None:
