@@ -157,7 +157,12 @@ class Publisher:
             self._wake.clear()
             dirty, self._dirty = self._dirty, []
             outcomes, self._outcomes = self._outcomes, []
-            await self._send(dirty, outcomes)
+            try:
+                await self._send(dirty, outcomes)
+            except Exception:  # a bug here must not leave every later outcome unwritten
+                log.exception("publisher round failed; retrying its outcomes")
+                self._requeue(outcomes)
+                await asyncio.sleep(1.0)
 
     def _encode_outcome(self, item: _Outcome) -> bytes | None:
         message = item.message
