@@ -190,3 +190,15 @@ async def test_redis_restart_mid_run_loses_no_job(
     assert await asyncio.to_thread(process.stop) == 0
     warnings = [line for line in process.log_lines() if "redis unavailable" in line.get("event", "")]
     assert warnings, "the outage was logged"
+
+
+async def test_client_gets_its_answer_across_a_redis_restart(
+    worker: Any, client: LLMClient, redis_server: RedisServer
+) -> None:
+    answer = asyncio.create_task(client.complete("openai", user("#tokens=10 #slow=200"), tenant_id="t", timeout=60))
+    await asyncio.sleep(0.5)  # the job is generating
+    await asyncio.to_thread(redis_server.stop)
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(redis_server.start)
+    result = await answer
+    assert result.usage.completion_tokens == 10 and result.content == " ".join(f"t{i}" for i in range(10))

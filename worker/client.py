@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Self
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from contracts import (
     Chunk,
@@ -90,7 +90,7 @@ class _ReplyHub:
         while True:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
-            except (ConnectionError, OSError, ResponseError):
+            except (RedisError, OSError):
                 await asyncio.sleep(0.2)  # redis-py reconnects and subscribes again on the next read
                 continue
             if message is None:
@@ -172,7 +172,10 @@ class LLMClient:
                 try:
                     raw = await asyncio.wait_for(queue.get(), timeout=max(0.0, min(left, QUIET_POLL_S)))
                 except TimeoutError:
-                    stored = await self.stored_outcome(job.request_id)
+                    try:
+                        stored = await self.stored_outcome(job.request_id)
+                    except (RedisError, OSError):
+                        stored = None  # Redis is away: keep waiting, within the caller's timeout
                     if stored is not None and stored.attempt >= attempt:
                         yield stored
                         return
