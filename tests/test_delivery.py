@@ -262,14 +262,15 @@ async def test_cancel_before_pickup_never_runs_the_job(client: LLMClient, worker
     assert standin.calls_with(mark) == []
 
 
+@pytest.mark.parametrize("group", ["openai", "anthropic", "ollama"])
 async def test_cancel_during_a_stream_stops_it_and_closes_the_provider_connection(
-    client: LLMClient, worker: Any, standin: StandIn
+    group: str, client: LLMClient, worker: Any, standin: StandIn
 ) -> None:
     mark = marker()
     rid = "cancel-live-" + mark
     chunks: list[Chunk] = []
     with pytest.raises(JobFailed) as caught:
-        async for event in client.stream("openai", user(f"{mark} #tokens=100 #slow=50"), tenant_id="t", request_id=rid, timeout=20):
+        async for event in client.stream(group, user(f"{mark} #tokens=100 #slow=50"), tenant_id="t", request_id=rid, timeout=20):
             chunks.append(event)  # type: ignore[arg-type]
             if len(chunks) == 3:
                 await client.cancel(rid)

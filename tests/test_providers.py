@@ -177,10 +177,11 @@ async def test_missing_provider_usage_is_estimated(client: LLMClient, worker: An
     assert result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
 
 
-async def test_stream_cut_after_tokens_every_time_ends_interrupted(client: LLMClient, worker: Any) -> None:
+@pytest.mark.parametrize("group", PROVIDERS)
+async def test_stream_cut_after_tokens_every_time_ends_interrupted(group: str, client: LLMClient, worker: Any) -> None:
     chunks: list[Chunk] = []
     with pytest.raises(JobFailed) as caught:
-        async for event in client.stream("openai", user("a b c d e f g #drop=3 #slow=10"), tenant_id="tests", timeout=30):
+        async for event in client.stream(group, user("a b c d e f g #drop=3 #slow=10"), tenant_id="tests", timeout=30):
             assert isinstance(event, Chunk)
             chunks.append(event)
     assert caught.value.code == ErrorCode.INTERRUPTED
@@ -209,7 +210,7 @@ async def test_both_stream_paths_give_the_same_messages(group: str, client: LLMC
         chunks, done = await collect(client, group, "alpha beta gamma delta #slow=5")
         with_tool = await collect(client, group, "Tromsø #tool", tools=[WEATHER_TOOL])
         used_lean = router._tap.tapped > tapped_before
-        assert used_lean == (lean and group == "openai"), "the lean path serves OpenAI-format streams only"
+        assert used_lean == (lean and group in ("openai", "anthropic")), "the lean path serves OpenAI and Anthropic streams"
         answers[lean] = [
             ("".join(c.text for c in chunks), done.content, done.usage, done.finish_reason, done.provider_model, done.cost_usd),
             ([(t.type, t.function.name, t.function.arguments) for t in with_tool[1].tool_calls], with_tool[1].finish_reason,
