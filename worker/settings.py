@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         "0 sends at once (tokens that arrive during a Redis round trip still share a chunk)",
     )
     lean_streams: bool = Field(
-        default=True, description="parse OpenAI-compatible streams here instead of through litellm's wrapper"
+        default=True, description="parse OpenAI and Anthropic streams here instead of in litellm's wrapper"
     )
     stream_restarts: int = Field(
         default=1, ge=0, description="times a stream that broke after chunks starts again as a new attempt"
