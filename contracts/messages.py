@@ -250,6 +250,3 @@ class Keys:
     def worker(self, consumer: str) -> str:
         return f"{self.prefix}:worker:{consumer}"
 
-    def worker_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
-

@@ -60,10 +60,6 @@ class Stats:
     failed: int = 0
 
 
-class JobCancelled(Exception):
-    """The orchestrator cancelled the job while it ran."""
-
-
 def now_ms() -> int:
     return int(time.time() * 1000)
 
