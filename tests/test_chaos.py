@@ -53,7 +53,7 @@ async def test_kill_9_loses_no_job_and_bills_none_more_than_twice(
     run = uuid.uuid4().hex[:8]
     jobs = [
         Job(request_id=f"chaos-{run}-{i}", tenant_id="t", model="openai",
-            messages=user(f"chaos-{run}-{i}. #tokens=20 #slow=60"), stream=True)
+            messages=user(f"chaos-{run}-{i}. #tokens=40 #slow=100"), stream=True)
         for i in range(count)
     ]
     async with Listener(redis, f"{prefix}:reply:*") as listener:
@@ -64,7 +64,7 @@ async def test_kill_9_loses_no_job_and_bills_none_more_than_twice(
             flights = await in_flight(redis, prefix)
             return len(flights) == 2 and min(flights.values()) > 0 and sum(flights.values()) == count
 
-        await wait_until(both_busy, 15, "200 jobs in flight on both workers")
+        await wait_until(both_busy, 25, "200 jobs in flight on both workers")
         workers[0].proc.kill()  # SIGKILL: no goodbye, its liveness key just expires
         await listener.until(lambda replies: sum(not isinstance(r, Chunk) for r in replies) >= count, timeout=60)
         await asyncio.sleep(1.0)  # a duplicate terminal would show up now
@@ -102,7 +102,7 @@ async def test_sigterm_finishes_in_flight_jobs_and_leaves_new_ones_to_others(
     await asyncio.to_thread(first.wait_ready)
     run = uuid.uuid4().hex[:8]
     early = [Job(request_id=f"early-{run}-{i}", tenant_id="t", model="openai",
-                 messages=user(f"early-{run}-{i}. #tokens=10 #slow=100"), stream=True) for i in range(5)]
+                 messages=user(f"early-{run}-{i}. #tokens=20 #slow=100"), stream=True) for i in range(5)]
     late = [Job(request_id=f"late-{run}-{i}", tenant_id="t", model="openai",
                 messages=user(f"late-{run}-{i}. #tokens=3")) for i in range(3)]
     async with Listener(redis, f"{prefix}:reply:*") as listener:
