@@ -217,6 +217,12 @@ class RunningWorker:
         if self.task is not None:
             await asyncio.wait_for(self.task, 30)
 
+    async def __aenter__(self) -> RunningWorker:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
 
 @pytest.fixture
 async def worker(settings: Settings, router: Any, client: LLMClient) -> AsyncIterator[RunningWorker]:

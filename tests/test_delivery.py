@@ -73,12 +73,8 @@ async def test_dead_workers_job_runs_again_as_a_later_attempt(
     mark = marker()
     job = Job(request_id="orphan-" + mark, tenant_id="t", model="openai", messages=user(f"{mark} left behind"), stream=True)
     await ghost_takes(redis, client, job)
-    async with Listener(redis, client.keys.reply(job.request_id)) as listener:
-        running = await RunningWorker(settings, router).start()
-        try:
-            await listener.until(lambda r: any(isinstance(x, Done) for x in r))
-        finally:
-            await running.stop()
+    async with Listener(redis, client.keys.reply(job.request_id)) as listener, RunningWorker(settings, router):
+        await listener.until(lambda r: any(isinstance(x, Done) for x in r))
     [done] = listener.terminals()
     assert done.attempt > 1 and done.content == f"{mark} left behind"
     assert all(c.attempt == done.attempt for c in listener.replies if isinstance(c, Chunk))
@@ -91,19 +87,13 @@ async def test_dead_workers_job_runs_again_as_a_later_attempt(
 async def test_a_live_workers_long_job_is_never_taken(
     client: LLMClient, redis: aioredis.Redis, settings: Any, router: Any, standin: StandIn
 ) -> None:
-    first = await RunningWorker(settings, router).start()
     mark = marker()
-    try:
+    async with RunningWorker(settings, router):
         # 25 tokens, 120 ms apart: 3 s, six times the heartbeat interval
         stream = client.stream("openai", user(f"{mark} #tokens=25 #slow=120"), tenant_id="t", timeout=30)
         first_event = await stream.__anext__()
-        second = await RunningWorker(settings, router).start()
-        try:
+        async with RunningWorker(settings, router) as second:
             events = [first_event] + [e async for e in stream]
-        finally:
-            await second.stop()
-    finally:
-        await first.stop()
     assert {e.attempt for e in events} == {1}
     assert isinstance(events[-1], Done) and events[-1].usage.completion_tokens == 25
     assert len(standin.calls_with(mark)) == 1
@@ -120,12 +110,8 @@ async def test_stored_outcome_answers_a_redelivery_without_calling_the_model(
                            model="openai", provider_model="openai/gpt-4o-mini", finish_reason="stop", cost_usd=0.5))
     await ghost_takes(redis, client, job)
     await redis.set(client.keys.result(job.request_id), stored, ex=60)
-    async with Listener(redis, client.keys.reply(job.request_id)) as listener:
-        running = await RunningWorker(settings, router).start()
-        try:
-            await listener.until(lambda r: len(r) == 1)
-        finally:
-            await running.stop()
+    async with Listener(redis, client.keys.reply(job.request_id)) as listener, RunningWorker(settings, router):
+        await listener.until(lambda r: len(r) == 1)
     assert encode(listener.replies[0]) == stored, "the stored message, unchanged"
     assert standin.calls_with(mark) == []
     assert (await redis.xpending(client.keys.jobs, client.keys.group))["pending"] == 0
@@ -139,12 +125,8 @@ async def test_too_many_deliveries_end_in_the_dead_letter_stream(
     entry_id = await ghost_takes(redis, client, job)
     for ghost in ("ghost-2-dead", "ghost-3-dead"):  # two more deliveries to workers that died
         await redis.xclaim(client.keys.jobs, client.keys.group, ghost, 0, [entry_id])
-    async with Listener(redis, client.keys.reply(job.request_id)) as listener:
-        running = await RunningWorker(settings, router).start()
-        try:
-            await listener.until(lambda r: len(r) == 1)
-        finally:
-            await running.stop()
+    async with Listener(redis, client.keys.reply(job.request_id)) as listener, RunningWorker(settings, router):
+        await listener.until(lambda r: len(r) == 1)
     [error] = listener.replies
     assert isinstance(error, Error) and error.code == ErrorCode.TOO_MANY_ATTEMPTS
     assert decode_reply(await redis.get(client.keys.result(job.request_id))) == error
@@ -324,12 +306,9 @@ async def test_hanging_provider_times_out_and_frees_the_slot(client: LLMClient, 
 
 
 async def test_job_past_the_worker_time_limit_is_timeout(settings: Any, router: Any, client: LLMClient) -> None:
-    running = await RunningWorker(settings.model_copy(update={"job_timeout_s": 0.5}), router).start()
-    try:
+    async with RunningWorker(settings.model_copy(update={"job_timeout_s": 0.5}), router):
         with pytest.raises(JobFailed) as caught:
             await client.complete("openai", user("#tokens=50 #slow=50"), tenant_id="t", timeout=10)
-    finally:
-        await running.stop()
     assert caught.value.code == ErrorCode.TIMEOUT
 
 

@@ -154,13 +154,10 @@ async def test_many_concurrent_requests_share_one_client(client: LLMClient, work
 async def test_worker_reads_no_more_than_its_free_slots(settings: Any, router: Any, client: LLMClient, redis: aioredis.Redis) -> None:
     from tests.conftest import RunningWorker
 
-    running = await RunningWorker(settings.model_copy(update={"concurrency": 2}), router).start()
-    try:
+    async with RunningWorker(settings.model_copy(update={"concurrency": 2}), router):
         for i in range(6):
             await client.enqueue(Job(request_id=f"slot-{i}", tenant_id="t", model="openai", messages=user("wait #slow=300")))
         await asyncio.sleep(0.4)
         info = await redis.xinfo_consumers(client.keys.jobs, client.keys.group)
         assert [c["pending"] for c in info] == [2]
-    finally:
-        await running.stop()
 
