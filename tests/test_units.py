@@ -119,7 +119,7 @@ async def test_chunks_then_done_in_order_with_the_final_seq(fake: Any) -> None:
     assert isinstance(received[-1], Done) and received[-1].seq == len(chunks) and received[-1].attempt == 2
     assert decode_reply(await redis.get(keys.result("r1"))) == received[-1]
     assert (await redis.xpending(keys.jobs, keys.group))["pending"] == 0, "acknowledged after storing"
-    await publisher.close()
+    await publisher.close(timeout_s=5)
 
 
 async def test_dead_letter_keeps_the_raw_job(fake: Any) -> None:
@@ -135,4 +135,4 @@ async def test_dead_letter_keeps_the_raw_job(fake: Any) -> None:
     assert fields[b"code"] == b"invalid_job" and fields[b"attempts"] == b"1" and fields[b"consumer"] == b"c1"
     assert int(fields[b"failed_at_ms"]) > 0
     assert decode_reply(await redis.get(keys.result("r2"))) == error
-    await publisher.close()
+    await publisher.close(timeout_s=5)

@@ -146,7 +146,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await recovery
             await self.cancels.stop()
-            await self.publisher.close()
+            await self.publisher.close(timeout_s=max(5.0, self.settings.shutdown_grace_s))
             await self.heartbeat.stop()
             await self.reader.aclose()
             await self.redis.aclose()

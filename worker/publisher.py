@@ -138,13 +138,17 @@ class Publisher:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="publisher")
 
-    async def close(self) -> None:
-        """Send what is queued, then stop."""
+    async def close(self, timeout_s: float) -> None:
+        """Send what is queued, then stop. If Redis stays away that long, give up: the entries of
+        unwritten outcomes are still unacknowledged, so another worker answers them."""
         if self._task is None:
             return
-        while self._dirty or self._outcomes:
+        give_up = asyncio.get_running_loop().time() + timeout_s
+        while (self._dirty or self._outcomes) and asyncio.get_running_loop().time() < give_up:
             self._wake.set()
             await asyncio.sleep(0.01)
+        if self._outcomes:
+            log.warning("redis still unavailable at exit; outcomes left unwritten", count=len(self._outcomes))
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
