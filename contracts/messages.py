@@ -15,7 +15,8 @@ import msgspec
 CONTRACT_VERSION: Final = 1
 DEFAULT_MAX_JOB_BYTES: Final = 1024 * 1024
 
-ID_PATTERN: Final = r"^[A-Za-z0-9._:-]{1,128}$"
+# \A and \Z: `$` would also match before a final newline, and "id\n" would pass
+ID_PATTERN: Final = r"\A[A-Za-z0-9._:-]{1,128}\Z"
 _ID_RE: Final = re.compile(ID_PATTERN)
 
 Ident = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
@@ -162,6 +163,9 @@ class Heartbeat(msgspec.Struct):
     in_flight: int
     completed: int
     failed: int
+    # added after v1: outcomes finished but not yet taken by Redis, and since when Redis refuses them
+    unwritten: int = 0
+    writes_refused_since_ms: int | None = None
 
 
 # ---- encoding -------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ def readable_request_id(raw: bytes | str) -> str | None:
     """The job's ``request_id`` if it can be read and is valid, so that the sender can be told."""
     try:
         rid = _request_id_decoder.decode(raw).request_id
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     return rid if isinstance(rid, str) and _ID_RE.match(rid) else None
 
@@ -205,6 +209,8 @@ def decode_job(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_JOB_BYTES) 
         raise InvalidJob(str(exc), readable_request_id(raw)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise InvalidJob(f"the job is not JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJob("the job nests too deeply to decode", readable_request_id(raw)) from None
 
 
 def decode_reply(raw: bytes | str) -> Reply:

@@ -25,8 +25,8 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
+from client import LLMClient
 from scripts.localports import free_port, wait_for_port
-from worker.client import LLMClient
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,7 +198,7 @@ class RunningWorker:
     """A Worker running as a task of the test's event loop."""
 
     def __init__(self, settings: Settings, router: Any) -> None:
-        from worker.consumer import Worker
+        from worker.service import Worker
 
         self.worker = Worker(settings, router)
         self.ready = asyncio.Event()

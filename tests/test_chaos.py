@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from client import LLMClient
 from contracts import Chunk, Done, Job, decode_heartbeat, decode_reply
 from tests.conftest import RedisServer, StandIn
 from tests.test_delivery import Listener
-from worker.client import LLMClient
 
 pytestmark = pytest.mark.slow
 

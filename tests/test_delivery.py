@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from client import JobFailed, LLMClient
 from contracts import Chunk, Done, Error, ErrorCode, Job, Result, Usage, decode_reply, encode
 from tests.conftest import RunningWorker, StandIn
-from worker.client import JobFailed, LLMClient
 
 
 def user(text: str) -> list[dict[str, Any]]:
@@ -299,10 +299,10 @@ async def test_hanging_provider_times_out_and_frees_the_slot(client: LLMClient, 
         await client.complete("hangs", user("anyone?"), tenant_id="t", timeout=30)
     assert caught.value.code == ErrorCode.PROVIDERS_UNAVAILABLE
     for _ in range(50):  # the reply can reach us a moment before the worker hears Redis confirm it
-        if not worker.worker._tasks:
+        if not worker.worker.inbox.held:
             break
         await asyncio.sleep(0.02)
-    assert not worker.worker._tasks, "no slot is held after the job ended"
+    assert not worker.worker.inbox.held, "no slot is held after the job ended"
 
 
 async def test_job_past_the_worker_time_limit_is_timeout(settings: Any, router: Any, client: LLMClient) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from client import JobFailed, LLMClient
 from contracts import Chunk, Done, ErrorCode, Params, decode_reply
-from worker.client import JobFailed, LLMClient
 
 PROVIDERS = {
     "openai": "openai/gpt-4o-mini",

@@ -10,6 +10,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from worker.backoff import Backoff, Stopped, describe, pause
+
 log = structlog.get_logger(__name__)
 
 
@@ -24,30 +26,45 @@ class CancelListener:
         self.redis = redis
         self.channel = channel
         self.on_cancel = on_cancel
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cancel-listener")
 
     async def stop(self) -> None:
+        self._stop.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
     async def _run(self) -> None:
+        backoff = Backoff(first_s=0.2, cap_s=10.0)
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel)
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["type"] == "message":
-                        data = message["data"]
-                        self.on_cancel(data.decode(errors="replace") if isinstance(data, bytes) else str(data))
+                await self._listen(backoff)
             except (RedisError, OSError) as exc:
-                log.warning("cancel channel lost; subscribing again", error=type(exc).__name__)
-                await asyncio.sleep(0.5)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                delay = backoff.next_delay()
+                log.warning("cancel channel lost; subscribing again", reason=describe(exc), retry_in_s=round(delay, 2))
+            except Exception:
+                delay = backoff.next_delay()
+                log.exception("cancel listener failed; starting it again", retry_in_s=round(delay, 2))
+            try:
+                await pause(delay, self._stop)
+            except Stopped:
+                return
+
+    async def _listen(self, backoff: Backoff) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.channel)
+            backoff.reset()
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "message":
+                    data = message["data"]
+                    self.on_cancel(data.decode(errors="replace") if isinstance(data, bytes) else str(data))
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -57,54 +57,87 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-async def serve(settings: Settings) -> None:
-    from worker.consumer import Worker
-    from worker.model_config import load_model_config
-    from worker.router import ModelRouter
+class Signals:
+    """SIGTERM/SIGINT: the first stops taking jobs and drains; the second leaves in-flight jobs to others.
+    Installed before the slow start-up, so that a signal during it is honoured too."""
 
-    router = ModelRouter(load_model_config(settings.config), lean_streams=settings.lean_streams)
-    await router.warm_up()
-    worker = Worker(settings, router)
-    signals = 0
+    def __init__(self) -> None:
+        self.count = 0
+        self.worker: Any = None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
 
-    def on_signal(sig: signal.Signals) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.count += 1
+        if self.count == 1:
             log.info("signal received; finishing in-flight jobs", signal=sig.name)
-            worker.stop()
+            if self.worker is not None:
+                self.worker.stop()
         else:
             log.warning("second signal; leaving in-flight jobs to other workers", signal=sig.name)
-            worker.abort()
+            if self.worker is not None:
+                self.worker.abort()
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    await worker.run()
+
+async def serve(settings: Settings) -> None:
+    from worker.model_config import load_model_config
+    from worker.router import ModelRouter
+    from worker.service import Worker
+
+    signals = Signals()
+    router = ModelRouter(load_model_config(settings.config), lean_streams=settings.lean_streams)
+    await router.warm_up()
+    if signals.count:
+        log.info("stopped during start-up")
+        return
+    signals.worker = Worker(settings, router)
+    await signals.worker.run()
 
 
 async def ask(settings: Settings, args: argparse.Namespace) -> int:
-    from contracts import Chunk
-    from worker.client import JobFailed, LLMClient
+    from client import JobFailed, LLMClient, ReplyTimeout
 
     async with LLMClient.from_url(settings.redis_url.get_secret_value(), prefix=settings.prefix) as client:
         messages = [{"role": "user", "content": args.prompt}]
         request_id = uuid.uuid4().hex
         try:
-            if not args.stream:
-                result = await client.complete(args.model, messages, tenant_id=args.tenant, request_id=request_id, timeout=args.timeout)
-                print(result.content)
-                print(json.dumps({"provider_model": result.provider_model, "usage": [result.usage.prompt_tokens, result.usage.completion_tokens], "cost_usd": result.cost_usd}), file=sys.stderr)
-                return 0
-            async for event in client.stream(args.model, messages, tenant_id=args.tenant, request_id=request_id, timeout=args.timeout):
-                if isinstance(event, Chunk):
-                    print(event.text, end="", flush=True)
-                else:
-                    print()
-                    print(json.dumps({"provider_model": event.provider_model, "chunks": event.seq, "usage": [event.usage.prompt_tokens, event.usage.completion_tokens], "cost_usd": event.cost_usd}), file=sys.stderr)
+            if args.stream:
+                return await _print_stream(client, args, messages, request_id)
+            result = await client.complete(args.model, messages, tenant_id=args.tenant, request_id=request_id, timeout=args.timeout)
+            print(result.content)
+            print(json.dumps({"provider_model": result.provider_model, "usage": [result.usage.prompt_tokens, result.usage.completion_tokens], "cost_usd": result.cost_usd}), file=sys.stderr)
         except JobFailed as exc:
             print(f"error {exc.code}: {exc.message}", file=sys.stderr)
             return 1
+        except ReplyTimeout as exc:
+            print(f"error: {exc} (the job was cancelled)", file=sys.stderr)
+            return 1
+    return 0
+
+
+async def _print_stream(client: Any, args: argparse.Namespace, messages: list[dict[str, Any]], request_id: str) -> int:
+    """Print tokens as they arrive. When the job starts again (a higher ``attempt``), the text so
+    far is void: say so and print the new attempt from its start."""
+    from contracts import Chunk
+
+    attempt, line_open = 0, False
+    try:
+        async for event in client.stream(args.model, messages, tenant_id=args.tenant, request_id=request_id, timeout=args.timeout):
+            if event.attempt != attempt and line_open:
+                print(flush=True)
+                print(f"[generation started again as attempt {event.attempt}; the text above is void]", file=sys.stderr, flush=True)
+            attempt = event.attempt
+            if isinstance(event, Chunk):
+                print(event.text, end="", flush=True)
+                line_open = True
+            else:
+                print()
+                print(json.dumps({"provider_model": event.provider_model, "chunks": event.seq, "usage": [event.usage.prompt_tokens, event.usage.completion_tokens], "cost_usd": event.cost_usd}), file=sys.stderr)
+    except BaseException:
+        if line_open:
+            print(flush=True)  # the error message starts on its own line
+        raise
     return 0
 
 

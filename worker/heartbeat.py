@@ -1,4 +1,9 @@
-"""Keeps the worker's liveness key alive (CONTRACT.md §6): its expiry is the worker's death notice."""
+"""Keeps the worker's liveness key alive (CONTRACT.md §6): its expiry is the worker's death notice.
+
+When Redis refuses writes because it is out of memory, ``SET`` is refused but ``PEXPIRE`` is not:
+the lease is then kept alive with ``PEXPIRE`` (its content stops changing, so ``heartbeat_at_ms``
+falls behind), and the worker's jobs are not taken from it while it waits to store their outcomes.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from contracts import Heartbeat, encode
+from worker.backoff import REDIS_DOWN, describe
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +37,12 @@ class HeartbeatKeeper:
         self._task: asyncio.Task[None] | None = None
 
     async def beat(self) -> None:
-        await self.redis.set(self.key, encode(self.snapshot()), px=self.ttl_ms)
+        try:
+            await self.redis.set(self.key, encode(self.snapshot()), px=self.ttl_ms)
+        except ResponseError as exc:  # refused (out of memory, read-only): keep the lease at least
+            kept = await self.redis.pexpire(self.key, self.ttl_ms)
+            log.error("heartbeat refused by redis; lease kept without an update" if kept else
+                      "heartbeat refused by redis; lease lost", reason=describe(exc))
 
     async def start(self) -> None:
         """Announce the worker before it reads a job, then keep announcing it."""
@@ -46,13 +57,13 @@ class HeartbeatKeeper:
                 await self._task
         try:
             await self.redis.delete(self.key)
-        except RedisError as exc:
-            log.warning("could not remove the liveness key", error=type(exc).__name__)
+        except (RedisError, OSError) as exc:
+            log.warning("could not remove the liveness key", reason=describe(exc))
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.beat()
-            except (RedisError, OSError) as exc:
-                log.warning("heartbeat not written", error=type(exc).__name__)
+            except (*REDIS_DOWN, RedisError) as exc:
+                log.warning("heartbeat not written", reason=describe(exc))

@@ -1,9 +1,15 @@
-"""Sends reply messages to Redis: one writer task, one pipelined round trip per batch.
+"""The one writer of replies: a task that sends chunks and outcomes in pipelined round trips.
 
-Chunks of all jobs that arrive while a round trip is in flight go out together in the next
-one, and the texts of one job that piled up meanwhile are joined into one chunk: under load
-this coalesces on its own, and at low load the first token leaves at once. An outcome is
-stored before it is published, and acknowledged after both, in one pipeline (CONTRACT.md §3-4).
+Chunks of all jobs that arrive while a round trip is in flight go out together in the next one,
+and the texts of one job that piled up meanwhile are joined into one chunk: under load this
+coalesces on its own, and at low load the first token leaves at once. Chunks are at-most-once
+(pub/sub); ``done.content`` is the authoritative text.
+
+Outcomes go out through the finisher's script, in the same pipeline and after the job's last
+chunk, so that the terminal message follows every chunk. Each outcome is retried on its own,
+with backoff, until Redis takes it or the worker stops: one that Redis refuses (out of memory,
+read-only replica, a missing permission) holds up no other, and the refusal is logged loudly
+and shown in the heartbeat.
 """
 
 from __future__ import annotations
@@ -11,67 +17,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, FieldT
+from redis.exceptions import NoScriptError
 
-from contracts import Chunk, Done, Keys, Terminal, encode
+from contracts import Chunk, Keys, encode
+from worker.backoff import REDIS_DOWN, Backoff, describe
+from worker.finisher import FINISH_SCRIPT, Finish, Outcome
 
 log = structlog.get_logger(__name__)
 
-RETRY_DELAYS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+REFUSAL_REPORT_S = 10.0  # while Redis refuses outcomes, say so at ERROR this often
 
 
-@dataclass(slots=True)
-class DeadLetter:
-    """An entry of ``{p}:jobs:dead`` (CONTRACT.md §4)."""
-
-    job: bytes | None
-    code: str
-    message: str
-    attempts: int
-    consumer: str
-
-    def fields(self) -> dict[FieldT, EncodableT]:
-        out: dict[FieldT, EncodableT] = {
-            "code": self.code,
-            "message": self.message,
-            "attempts": self.attempts,
-            "consumer": self.consumer,
-            "failed_at_ms": int(time.time() * 1000),
-        }
-        if self.job is not None:
-            out["job"] = self.job
-        return out
-
-
-@dataclass(slots=True)
-class _Outcome:
-    reply: ReplyChannel | None
-    message: Terminal | bytes | None
-    ack: str | bytes | None
-    dead: DeadLetter | None
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-
-
-class ReplyChannel:
+class ReplyStream:
     """The replies of one attempt of one job."""
 
-    __slots__ = ("_pending", "_publisher", "attempt", "channel", "request_id", "result_key", "seq")
+    __slots__ = ("_notify", "_pending", "attempt", "channel", "request_id", "seq")
 
-    def __init__(self, publisher: Publisher, request_id: str, attempt: int) -> None:
-        self._publisher = publisher
+    def __init__(self, request_id: str, attempt: int, channel: str, notify: Callable[[ReplyStream], None]) -> None:
         self.request_id = request_id
         self.attempt = attempt
-        self.channel = publisher.keys.reply(request_id)
-        self.result_key = publisher.keys.result(request_id)
+        self.channel = channel
         self.seq = 0
         self._pending: list[str] = []
+        self._notify = notify
 
     def send_text(self, text: str) -> bool:
         """Queue a piece of streamed text; it leaves with the next round trip.
@@ -83,11 +57,12 @@ class ReplyChannel:
             return False
         self._pending.append(text)
         if len(self._pending) == 1:
-            self._publisher._mark(self)
+            self._notify(self)
             return True
         return False
 
-    def _take_chunk(self) -> bytes | None:
+    def take_chunk(self) -> bytes | None:
+        """The text queued so far as one chunk message, or None."""
         if not self._pending:
             return None
         text = self._pending[0] if len(self._pending) == 1 else "".join(self._pending)
@@ -96,44 +71,62 @@ class ReplyChannel:
         self.seq += 1
         return encode(chunk)
 
-    async def finish(self, message: Terminal, ack: str | bytes | None, dead: DeadLetter | None = None) -> None:
-        """Store, publish, then acknowledge the terminal message, after every queued chunk."""
-        await self._publisher.outcome(self, message, ack, dead)
+
+@dataclass(slots=True, eq=False)
+class _Unwritten:
+    """An outcome on its way to Redis."""
+
+    outcome: Outcome
+    reply: ReplyStream | None
+    done: asyncio.Future[Finish]
+    payload: bytes | None = None  # encoded once, when first sent
+    due_at: float = 0.0
+    refused_at: float | None = None
+    backoff: Backoff = field(default_factory=lambda: Backoff(first_s=0.05, cap_s=5.0))
 
 
 class Publisher:
-    """The one writer of replies of a worker process."""
-
     def __init__(self, redis: aioredis.Redis, keys: Keys, result_ttl_s: int, window_s: float = 0.0) -> None:
         self.redis = redis
         self.keys = keys
         self.result_ttl_s = result_ttl_s
         self.window_s = window_s
-        self._dirty: list[ReplyChannel] = []
-        self._outcomes: list[_Outcome] = []
+        self._script = redis.register_script(FINISH_SCRIPT)
+        self._dirty: list[ReplyStream] = []
+        self._unwritten: list[_Unwritten] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._refused_since: float | None = None
+        self._reported_at = 0.0
 
-    def channel(self, request_id: str, attempt: int) -> ReplyChannel:
-        return ReplyChannel(self, request_id, attempt)
+    # ---- what the runner uses -----------------------------------------------------------------
 
-    def _mark(self, reply: ReplyChannel) -> None:
+    def stream(self, request_id: str, attempt: int) -> ReplyStream:
+        return ReplyStream(request_id, attempt, self.keys.reply(request_id), self._mark)
+
+    async def finish(self, outcome: Outcome, reply: ReplyStream | None) -> Finish:
+        """Store, publish, dead-letter and acknowledge ``outcome`` after the chunks of ``reply``;
+        returns what became of it once Redis has answered, or ABANDONED if the worker stopped first."""
+        loop = asyncio.get_running_loop()
+        item = _Unwritten(outcome, reply, loop.create_future(), due_at=loop.time())
+        self._unwritten.append(item)
+        self._wake.set()
+        return await asyncio.shield(item.done)
+
+    @property
+    def unwritten(self) -> int:
+        return len(self._unwritten)
+
+    @property
+    def refused_since(self) -> float | None:
+        """Wall-clock time since when Redis has refused every outcome it was sent, if it does."""
+        return self._refused_since
+
+    # ---- life ------------------------------------------------------------------------------------
+
+    def _mark(self, reply: ReplyStream) -> None:
         self._dirty.append(reply)
         self._wake.set()
-
-    async def outcome(
-        self,
-        reply: ReplyChannel | None,
-        message: Terminal | bytes | None,
-        ack: str | bytes | None,
-        dead: DeadLetter | None = None,
-    ) -> None:
-        """Store and publish ``message`` (a struct, or a stored payload sent again unchanged),
-        dead-letter and acknowledge; returns once Redis has all of it."""
-        item = _Outcome(reply, message, ack, dead)
-        self._outcomes.append(item)
-        self._wake.set()
-        await asyncio.shield(item.done)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="publisher")
@@ -143,86 +136,109 @@ class Publisher:
         unwritten outcomes are still unacknowledged, so another worker answers them."""
         if self._task is None:
             return
-        give_up = asyncio.get_running_loop().time() + timeout_s
-        while (self._dirty or self._outcomes) and asyncio.get_running_loop().time() < give_up:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while (self._dirty or self._unwritten) and loop.time() < give_up and not self._task.done():
             self._wake.set()
             await asyncio.sleep(0.01)
-        if self._outcomes:
-            log.warning("redis still unavailable at exit; outcomes left unwritten", count=len(self._outcomes))
+        if self._unwritten:
+            log.warning("redis did not take every outcome before exit; their jobs stay pending for other workers",
+                        count=len(self._unwritten))
+        for item in self._unwritten:
+            if not item.done.done():
+                item.done.set_result(Finish.ABANDONED)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await self._wake.wait()
+            await self._sleep_until_work(loop)
             if self.window_s:
                 await asyncio.sleep(self.window_s)  # let more tokens join this batch
             self._wake.clear()
             dirty, self._dirty = self._dirty, []
-            outcomes, self._outcomes = self._outcomes, []
+            now = loop.time()
+            due = [item for item in self._unwritten if item.due_at <= now]
             try:
-                await self._send(dirty, outcomes)
+                await self._send(dirty, due)
             except Exception:  # a bug here must not leave every later outcome unwritten
-                log.exception("publisher round failed; retrying its outcomes")
-                self._requeue(outcomes)
-                await asyncio.sleep(1.0)
+                log.exception("publisher round failed; its outcomes will be sent again")
+                for item in due:
+                    self._later(item, loop.time())
 
-    def _encode_outcome(self, item: _Outcome) -> bytes | None:
-        message = item.message
-        if message is None or isinstance(message, bytes):
-            return message
-        if isinstance(message, Done) and item.reply is not None:
-            message = msgspec.structs.replace(message, seq=item.reply.seq)
-        return encode(message)
+    async def _sleep_until_work(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._wake.is_set():
+            return
+        waits = [item.due_at for item in self._unwritten]
+        timeout = max(0.0, min(waits) - loop.time()) if waits else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _send(self, dirty: list[ReplyChannel], outcomes: list[_Outcome]) -> None:
+    # ---- one round trip --------------------------------------------------------------------------
+
+    async def _send(self, dirty: list[ReplyStream], due: list[_Unwritten]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for reply in dirty:
-            payload = reply._take_chunk()
-            if payload is not None:
-                pipe.publish(reply.channel, payload)
-        for item in outcomes:
-            if item.reply is not None:
-                chunk = item.reply._take_chunk()  # text queued after the last round trip
-                if chunk is not None:
-                    pipe.publish(item.reply.channel, chunk)
-            self._queue_outcome(pipe, item)
-        for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                results = await pipe.execute(raise_on_error=False)
-                break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("redis unavailable, outcome not yet written", error=type(exc).__name__, try_=attempt + 1)
-                if not outcomes:
-                    return  # chunks are at-most-once; a lost subscriber connection loses them anyway
-                pipe = self.redis.pipeline(transaction=False)
-                for item in outcomes:
-                    self._queue_outcome(pipe, item)
-        else:
-            self._requeue(outcomes)
+            chunk = reply.take_chunk()
+            if chunk is not None:
+                pipe.publish(reply.channel, chunk)
+        positions = [self._queue(pipe, item) for item in due]
+        if not pipe.command_stack:
             return
-        for result in results:
-            if isinstance(result, Exception):
-                log.error("redis refused a reply command", error=str(result))
-        for item in outcomes:
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except REDIS_DOWN as exc:
+            now = asyncio.get_running_loop().time()
+            if due:
+                log.warning("redis unavailable; outcomes not yet written", count=len(due), reason=describe(exc))
+            for item in due:
+                self._later(item, now)
+            return
+        for item, position in zip(due, positions, strict=True):
+            await self._settle(item, results[position])
+
+    def _queue(self, pipe: Any, item: _Unwritten) -> int:
+        """Add the outcome's last chunk (once) and its finish script; returns the script's position."""
+        if item.payload is None:
+            chunk = item.reply.take_chunk() if item.reply is not None else None
+            if chunk is not None and item.reply is not None:
+                pipe.publish(item.reply.channel, chunk)
+            item.payload = item.outcome.payload(item.reply.seq if item.reply is not None else 0)
+        outcome = item.outcome
+        result_key = self.keys.result(outcome.request_id) if outcome.request_id else self.keys.dead
+        channel = self.keys.reply(outcome.request_id) if outcome.request_id else ""
+        args = outcome.script_args(channel, self.result_ttl_s, item.payload)
+        pipe.evalsha(self._script.sha, 3, outcome.ack.stream, result_key, self.keys.dead, *args)
+        return len(pipe.command_stack) - 1
+
+    async def _settle(self, item: _Unwritten, result: Any) -> None:
+        now = asyncio.get_running_loop().time()
+        if isinstance(result, NoScriptError):  # Redis restarted, or its script cache was flushed
+            await self.redis.script_load(FINISH_SCRIPT)
+            item.due_at = now
+            self._wake.set()
+        elif isinstance(result, Exception):
+            self._refused(item, result, now)
+        else:
+            self._refused_since = None
+            self._unwritten.remove(item)
             if not item.done.done():
-                item.done.set_result(None)
+                item.done.set_result(Finish(result.decode() if isinstance(result, bytes) else str(result)))
 
-    def _requeue(self, outcomes: list[_Outcome]) -> None:
-        """Redis stayed away: keep the outcomes for the next round, the job stays unacknowledged."""
-        self._outcomes[:0] = outcomes
-        self._wake.set()
+    def _refused(self, item: _Unwritten, exc: Exception, now: float) -> None:
+        if item.refused_at is None:
+            item.refused_at = now
+            log.error("redis refused to store an outcome; the job stays pending and is retried",
+                      request_id=item.outcome.request_id, reason=describe(exc))
+        if self._refused_since is None:
+            self._refused_since = time.time()
+        if now - self._reported_at >= REFUSAL_REPORT_S:
+            self._reported_at = now
+            log.error("redis refuses outcomes; not taking new jobs until it takes them", unwritten=len(self._unwritten),
+                      refused_for_s=round(time.time() - self._refused_since, 1), reason=describe(exc))
+        self._later(item, now)
 
-    def _queue_outcome(self, pipe: aioredis.client.Pipeline, item: _Outcome) -> None:
-        payload = self._encode_outcome(item)
-        if payload is not None and item.reply is not None:
-            pipe.set(item.reply.result_key, payload, ex=self.result_ttl_s)
-            pipe.publish(item.reply.channel, payload)
-        if item.dead is not None:
-            pipe.xadd(self.keys.dead, item.dead.fields())
-        if item.ack is not None:
-            pipe.xack(self.keys.jobs, self.keys.group, item.ack)
-            pipe.xdel(self.keys.jobs, item.ack)  # acked: nobody needs it, and the stream stays short
+    def _later(self, item: _Unwritten, now: float) -> None:
+        item.due_at = now + item.backoff.next_delay()  # the loop's sleep ends at the earliest due time

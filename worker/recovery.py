@@ -12,7 +12,6 @@ time limit) is claimed whatever its owner: its worker cannot still be working on
 
 from __future__ import annotations
 
-import random
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -98,7 +97,3 @@ class Reclaimer:
             log.warning("reclaimed jobs of dead workers", count=len(entries))
         return entries
 
-
-def jittered(interval_s: float) -> float:
-    """Spread the workers' recovery rounds, so that they do not all scan at the same moment."""
-    return interval_s * random.uniform(0.75, 1.25)

@@ -1,0 +1,64 @@
+"""Redis clients of a worker process, and the consumer group they read."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from contracts import Keys
+from worker.settings import Settings
+
+#: What Redis says when the group or its stream is gone (an operator's DEL, a flush, a restart without
+#: persistence). Readers create both again and carry on.
+GROUP_GONE = ("NOGROUP", "UNBLOCKED")
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def redis_target(settings: Settings) -> str:
+    """``host:port/db`` of the Redis URL, for log lines: never its user or password."""
+    parts = urlsplit(settings.redis_url.get_secret_value())
+    host = parts.hostname or "localhost"
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = 6379
+    return f"{parts.scheme}://{host}:{port}{parts.path or ''}"
+
+
+def connect(settings: Settings, *, max_connections: int | None = None, reader: bool = False) -> aioredis.Redis:
+    """A client. The ``reader`` (blocking reads) gets a connection of its own and no automatic
+    retry: a read whose reply was lost must be seen as lost, because it may have delivered entries."""
+    options: dict[str, object] = {}
+    if reader:
+        options = {"single_connection_client": True, "retry": Retry(NoBackoff(), 0)}
+    return aioredis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=5,
+        max_connections=max_connections,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def group_gone(exc: ResponseError) -> bool:
+    return str(exc).startswith(GROUP_GONE)
+
+
+async def ensure_group(redis: aioredis.Redis, keys: Keys) -> None:
+    """Create the stream and group if missing. The group starts at 0: entries added before it
+    existed, or left when it was deleted, are jobs that nobody has answered yet."""
+    try:
+        await redis.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise

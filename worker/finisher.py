@@ -1,0 +1,120 @@
+"""Finishing a job: store its outcome, publish it, dead-letter it, acknowledge it, as one unit.
+
+One Lua script does all of it, so Redis takes all of it or none of it (CONTRACT.md §3-4):
+
+* **Fencing.** A worker may have lost its job without knowing (it was paused, or cut off from
+  Redis, past its lease), and another worker now runs a later attempt. The script asks the
+  pending entry who owns it: if another consumer does, nothing is stored, published or
+  acknowledged (``fenced``). If nobody does and an outcome is stored, the job was answered
+  elsewhere (``answered``). A stored outcome of a higher attempt is never overwritten
+  (``superseded``: the entry is still acknowledged).
+* **Refused writes.** The first write of the script is the one Redis may refuse when it is out
+  of memory (``SET``, else ``XADD``), so a refusal leaves nothing half done: the entry stays
+  pending, and the publisher tries again later.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from redis.typing import EncodableT
+
+from contracts import Done, Terminal, encode
+from worker.inbox import Ack
+
+# KEYS: jobs stream, result key, dead-letter stream.
+# ARGV: group, consumer, entry id, attempt, ttl, reply channel, payload ('' for none), then the
+# dead letter's field/value pairs (none: no dead letter).
+FINISH_SCRIPT = """
+local jobs, result, dead = KEYS[1], KEYS[2], KEYS[3]
+local group, me, id = ARGV[1], ARGV[2], ARGV[3]
+local attempt, ttl, channel, payload = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+
+local owner = false
+local pending = redis.pcall('XPENDING', jobs, group, id, id, 1)
+if type(pending) == 'table' and pending[1] then owner = pending[1][2] end
+if owner and owner ~= me then return 'fenced' end
+
+local store = payload ~= ''
+if store then
+  local current = redis.call('GET', result)
+  if current then
+    if not owner then return 'answered' end
+    local ok, old = pcall(cjson.decode, current)
+    if ok and type(old) == 'table' and tonumber(old['attempt']) and tonumber(old['attempt']) > attempt then
+      store = false
+    end
+  end
+end
+if store then
+  redis.call('SET', result, payload, 'EX', ttl)
+  redis.call('PUBLISH', channel, payload)
+end
+if #ARGV > 7 then
+  redis.call('XADD', dead, '*', unpack(ARGV, 8))
+end
+if owner then
+  redis.call('XACK', jobs, group, id)
+  redis.call('XDEL', jobs, id)
+end
+if store or payload == '' then return 'finished' end
+return 'superseded'
+"""
+
+
+class Finish(StrEnum):
+    """What became of an outcome."""
+
+    FINISHED = "finished"  # stored, published and acknowledged (or only acknowledged: nothing to store)
+    SUPERSEDED = "superseded"  # a higher attempt's outcome was stored already; acknowledged, not stored
+    FENCED = "fenced"  # another worker owns the job now: nothing written
+    ANSWERED = "answered"  # another worker answered and acknowledged it: nothing written
+    ABANDONED = "abandoned"  # the worker stopped before Redis took it: the entry stays pending
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """An entry of ``{p}:jobs:dead`` (CONTRACT.md §4); Redis stores every field as a string."""
+
+    job: bytes | None
+    code: str
+    message: str
+    attempts: int
+    consumer: str
+
+    def flat(self) -> list[EncodableT]:
+        fields: list[EncodableT] = ["code", self.code, "message", self.message, "attempts", self.attempts,
+                                    "consumer", self.consumer, "failed_at_ms", int(time.time() * 1000)]
+        if self.job is not None:
+            fields += ["job", self.job]
+        return fields
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The end of one delivery: the terminal message (or a stored one, sent again unchanged) of
+    the attempt that is current, and whether the job goes to the dead letters."""
+
+    ack: Ack
+    request_id: str | None  # None: the job's id could not be read, so nobody can be answered
+    attempt: int
+    message: Terminal | bytes | None
+    dead: DeadLetter | None = None
+
+    def payload(self, chunks_sent: int) -> bytes:
+        message = self.message
+        if message is None or isinstance(message, bytes):
+            return message or b""
+        if isinstance(message, Done):
+            message.seq = chunks_sent  # done.seq counts the chunks of its attempt, known only now
+        return encode(message)
+
+    def script_args(self, channel: str, ttl_s: int, payload: bytes) -> list[EncodableT]:
+        """ARGV of :data:`FINISH_SCRIPT`."""
+        ack = self.ack
+        args: list[EncodableT] = [ack.group, ack.consumer, ack.entry_id, self.attempt, ttl_s, channel, payload]
+        if self.dead is not None:
+            args += self.dead.flat()
+        return args

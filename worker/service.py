@@ -1,0 +1,121 @@
+"""A worker process's life: connect → announce → take batches from the inbox and run them →
+drain → say goodbye. The stages each live in their own module:
+
+    inbox (reads, resumes, claims) → runner (one job's life) → router (litellm)
+        → publisher (chunks; outcomes through the finisher's script: store, publish, ack)
+
+Around them run the heartbeat (the lease) and the cancel listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from contracts import Heartbeat, Keys
+from worker import __version__
+from worker.backoff import Stopped, until_redis
+from worker.cancellation import CancelListener
+from worker.connections import connect, consumer_name, ensure_group, redis_target
+from worker.heartbeat import HeartbeatKeeper
+from worker.inbox import Inbox, InboxLimits
+from worker.publisher import Publisher
+from worker.router import ModelRouter
+from worker.runner import JobRunner, Stats, now_ms
+from worker.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: Settings, router: ModelRouter, consumer: str | None = None) -> None:
+        self.settings = settings
+        self.router = router
+        self.keys = Keys(settings.prefix)
+        self.consumer = consumer or consumer_name()
+        self.started_at_ms = now_ms()
+        self.target = redis_target(settings)
+        self._stopping = asyncio.Event()
+        self.redis = connect(settings, max_connections=settings.concurrency + 16)
+        self.reader = connect(settings, reader=True)
+        self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s, settings.chunk_window_ms / 1000)
+        self.runner = JobRunner(settings, router, self.publisher, self.redis, self.consumer, self._stopping, self.target)
+        self.inbox = Inbox(self.redis, self.reader, self.keys, self.consumer, self._limits(), self._stopping, self.target)
+        self.inbox.on_lost = self.runner.lose
+        self.inbox.may_take = lambda: self.publisher.refused_since is None
+        self.heartbeat = HeartbeatKeeper(self.redis, self.keys.worker(self.consumer), settings.heartbeat_s, self._beat)
+        self.cancels = CancelListener(self.redis, self.keys.cancel, self.runner.cancel)
+
+    def _limits(self) -> InboxLimits:
+        s = self.settings
+        # an entry idle this long has outlived any run of its job: it is claimed whoever holds it
+        stale_after_s = 2 * s.job_timeout_s + s.shutdown_grace_s + 6 * s.heartbeat_s
+        return InboxLimits(s.concurrency, s.block_ms, s.heartbeat_s / 2, stale_after_s)
+
+    @property
+    def stats(self) -> Stats:
+        return self.runner.stats
+
+    def stop(self) -> None:
+        """Stop taking jobs; in-flight ones get the shutdown grace period. Ends any wait for Redis."""
+        self._stopping.set()
+
+    def abort(self) -> None:
+        """Stop at once: in-flight jobs stay pending for other workers."""
+        self.stop()
+        self.runner.abort()
+
+    async def run(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+        log.info("worker starting", consumer=self.consumer, concurrency=self.settings.concurrency, redis=self.target)
+        try:
+            await until_redis(lambda: ensure_group(self.redis, self.keys), self._stopping, "start-up", self.target)
+            await until_redis(self.heartbeat.start, self._stopping, "start-up", self.target)
+        except Stopped:
+            log.info("stopped before redis answered")
+            await self._close_connections()
+            return
+        await self.publisher.start()
+        await self.cancels.start()
+        log.info("worker ready", consumer=self.consumer, groups=sorted(self.router.groups))
+        if ready is not None:
+            await ready()
+        try:
+            async for batch in self.inbox.batches():
+                await self.runner.admit(batch)
+            await self.runner.drain(self.settings.shutdown_grace_s)
+        finally:
+            await self._say_goodbye()
+
+    async def _say_goodbye(self) -> None:
+        self.runner.abort()
+        await self.cancels.stop()
+        await self.publisher.close(timeout_s=max(5.0, self.settings.shutdown_grace_s))
+        await self.heartbeat.stop()
+        await self._close_connections()
+        stats = self.runner.stats
+        log.info("worker stopped", completed=stats.completed, failed=stats.failed)
+
+    async def _close_connections(self) -> None:
+        await self.reader.aclose()
+        await self.redis.aclose()
+
+    def _beat(self) -> Heartbeat:
+        stats = self.runner.stats
+        refused = self.publisher.refused_since
+        return Heartbeat(
+            consumer=self.consumer,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+            started_at_ms=self.started_at_ms,
+            heartbeat_at_ms=now_ms(),
+            in_flight=self.inbox.held,
+            completed=stats.completed,
+            failed=stats.failed,
+            unwritten=self.publisher.unwritten,
+            writes_refused_since_ms=int(refused * 1000) if refused is not None else None,
+        )
