@@ -106,12 +106,23 @@ def make_plan(model: str, messages: list[dict[str, Any]], tools: list[dict[str, 
     return plan
 
 
+@web.middleware
+async def record_end(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Note when each call ended, so that tests can count the calls open at once."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    finally:
+        record = request.get("record")
+        if record is not None:
+            record["ended"] = time.time()
+
+
 class StandIn:
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[record_end])
         app.router.add_post("/v1/chat/completions", self.openai)
         app.router.add_post("/chat/completions", self.openai)
         app.router.add_post("/v1/messages", self.anthropic)

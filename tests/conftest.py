@@ -129,6 +129,9 @@ def model_config(standin_url: str) -> dict[str, Any]:
             dep("flaky", "openai/drop-2", 1),
             dep("flaky", "openai/gpt-4o-mini", 2),
             dep("always-breaks", "openai/drop-2"),
+            # like flaky, for tests that need the restart in a fresh worker process (cooldowns are per process)
+            dep("restarts", "openai/drop-3", 1),
+            dep("restarts", "openai/gpt-4o-mini", 2),
             dep("stalls", "openai/stall-2", stream_timeout=1),
             dep("keyless", "openai/gpt-4o-mini", api_key="os.environ/LLM_POOL_TEST_UNSET_KEY"),
         ],

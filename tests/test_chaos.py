@@ -13,34 +13,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from client import LLMClient
-from contracts import Chunk, Done, Job, decode_heartbeat, decode_reply
+from contracts import Chunk, Done, Job, decode_reply
 from tests.conftest import RedisServer, StandIn
-from tests.test_delivery import Listener
+from tests.helpers import Listener, in_flight, user, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
-
-
-async def in_flight(redis: aioredis.Redis, prefix: str) -> dict[str, int]:
-    counts = {}
-    async for key in redis.scan_iter(f"{prefix}:worker:*"):
-        raw = await redis.get(key)
-        if raw is not None:
-            beat = decode_heartbeat(raw)
-            counts[beat.consumer] = beat.in_flight
-    return counts
-
-
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_kill_9_loses_no_job_and_bills_none_more_than_twice(

@@ -17,52 +17,7 @@ from hypothesis import strategies as st
 from client import JobFailed, LLMClient
 from contracts import Chunk, Done, Error, ErrorCode, Job, Result, Usage, decode_reply, encode
 from tests.conftest import RunningWorker, StandIn
-
-
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
-
-
-def marker() -> str:
-    return "m" + uuid.uuid4().hex[:12]
-
-
-class Listener:
-    """Subscribes to reply channels before the test causes replies, and collects them."""
-
-    def __init__(self, redis: aioredis.Redis, pattern: str) -> None:
-        self.pubsub = redis.pubsub()
-        self.pattern = pattern
-        self.replies: list[Any] = []
-
-    async def __aenter__(self) -> Listener:
-        await self.pubsub.psubscribe(self.pattern)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.pubsub.aclose()
-
-    async def until(self, done: Any, timeout: float = 20.0) -> list[Any]:
-        end = time.monotonic() + timeout
-        while not done(self.replies):
-            if time.monotonic() > end:
-                raise AssertionError(f"gave up waiting; got {self.replies}")
-            message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
-            if message is not None:
-                self.replies.append(decode_reply(message["data"]))
-        return self.replies
-
-    def terminals(self) -> list[Any]:
-        return [r for r in self.replies if not isinstance(r, Chunk)]
-
-
-async def ghost_takes(redis: aioredis.Redis, client: LLMClient, job: Job | bytes, ghost: str = "ghost-1-dead") -> bytes:
-    """Enqueue a job and have it read by a consumer that has no liveness key: a dead worker."""
-    raw = job if isinstance(job, bytes) else encode(job)
-    entry_id: bytes = await redis.xadd(client.keys.jobs, {"job": raw})
-    await redis.xreadgroup(client.keys.group, ghost, {client.keys.jobs: ">"})
-    return entry_id
-
+from tests.helpers import Listener, ghost_takes, marker, user
 
 # ---- recovery -----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from client import JobFailed, LLMClient
 from contracts import Chunk, Done, ErrorCode, Params, decode_reply
+from tests.helpers import user
 
 PROVIDERS = {
     "openai": "openai/gpt-4o-mini",
@@ -32,10 +33,6 @@ def stream_path(request: pytest.FixtureRequest, router: Any) -> Any:
     router.lean_streams = request.param == "lean"
     yield request.param
     router.lean_streams = True
-
-
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
 
 
 async def collect(client: LLMClient, model: str, text: str, **kwargs: Any) -> tuple[list[Chunk], Done]:

@@ -14,10 +14,7 @@ import redis.asyncio as aioredis
 
 from client import JobFailed, LLMClient, ReplyTimeout
 from contracts import Chunk, Error, ErrorCode, Job, Result, decode_heartbeat, decode_reply, encode
-
-
-def user(text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": text}]
+from tests.helpers import user
 
 
 async def worker_keys(redis: aioredis.Redis, prefix: str) -> list[bytes]:

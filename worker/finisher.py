@@ -41,7 +41,10 @@ local store = payload ~= ''
 if store then
   local current = redis.call('GET', result)
   if current then
-    if not owner then return 'answered' end
+    if not owner then
+      if current == payload then return 'finished' end  -- ours: a reply lost to a dropped connection, sent again
+      return 'answered'
+    end
     local ok, old = pcall(cjson.decode, current)
     if ok and type(old) == 'table' and tonumber(old['attempt']) and tonumber(old['attempt']) > attempt then
       store = false

@@ -13,7 +13,8 @@ reported through ``on_lost``, and its runner stops without a word (CONTRACT.md Â
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -29,6 +30,14 @@ from worker.recovery import Reclaimer
 log = structlog.get_logger(__name__)
 
 StreamResponse = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+
+
+class Owner(enum.Enum):
+    """Who owns an entry, by Redis's pending list."""
+
+    THIS_WORKER = "this worker"  # also when Redis cannot tell: the finisher fences the outcome anyway
+    ANOTHER = "another worker"
+    NOBODY = "nobody"  # acknowledged (answered elsewhere), or the stream or group was deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,7 @@ class Delivery:
     fields: dict[bytes, bytes]
     deliveries: int  # this delivery included
     release: Callable[[], None]
+    owner: Callable[[], Awaitable[Owner]]  # asks the pending entry who owns it now
     finishing: bool = field(default=False)  # its outcome went to the finisher, which fences it itself
 
     @property
@@ -190,13 +200,24 @@ class Inbox:
 
     def _hand_out(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Delivery:
         ack = Ack(self.keys.jobs, self.keys.group, self.consumer, entry_id)
-        delivery = Delivery(ack, fields or {}, deliveries, lambda: self._release(entry_id))
+        delivery = Delivery(ack, fields or {}, deliveries, lambda: self._release(entry_id), lambda: self._owner(entry_id))
         self._held[entry_id] = delivery
         return delivery
 
     def _release(self, entry_id: bytes) -> None:
         if self._held.pop(entry_id, None) is not None:
             self._room.set()
+
+    async def _owner(self, entry_id: bytes) -> Owner:
+        try:
+            rows = cast(list[dict[str, Any]], await self.redis.xpending_range(
+                self.keys.jobs, self.keys.group, entry_id, entry_id, 1
+            ))
+        except (*REDIS_DOWN, ResponseError):
+            return Owner.THIS_WORKER
+        if not rows:
+            return Owner.NOBODY
+        return Owner.THIS_WORKER if rows[0]["consumer"] == self.consumer.encode() else Owner.ANOTHER
 
     async def _wait_for_room(self, timeout_s: float) -> None:
         self._room.clear()

@@ -203,27 +203,33 @@ class AnthropicStream:
         event = self._decode(payload)
         kind = event.type
         if kind == "content_block_delta" and event.delta is not None:
-            if event.delta.text:
-                answer.add_text(event.delta.text)
-                return False, on_text(event.delta.text)
-            if event.delta.partial_json and event.index in self.tools:
-                answer.add_tool_fragment(self.tools[event.index], None, None, event.delta.partial_json)
-        elif kind == "content_block_start" and event.content_block is not None:
+            return False, self._delta(event.index, event.delta, answer, on_text)
+        if kind == "content_block_start" and event.content_block is not None:
             self._note(event)
             if event.index in self.tools:
                 answer.add_tool_fragment(self.tools[event.index], event.content_block.id, event.content_block.name, None)
         elif kind == "message_delta":
-            if event.delta is not None and event.delta.stop_reason:
-                answer.finish_reason = _STOP_REASONS.get(event.delta.stop_reason, "stop")
-                self.finished = True
-            if event.usage is not None:
-                answer.set_usage(event.usage.input_tokens, event.usage.output_tokens)
+            self._message_delta(event, answer)
         elif kind == "message_stop":
             return True, False
         elif kind == "error":
             raise StreamBroken("the provider reported an error mid-stream")
         return False, False
 
+    def _delta(self, index: int, delta: _BlockDelta, answer: StreamAssembler, on_text: OnText) -> bool:
+        if delta.text:
+            answer.add_text(delta.text)
+            return on_text(delta.text)
+        if delta.partial_json and index in self.tools:
+            answer.add_tool_fragment(self.tools[index], None, None, delta.partial_json)
+        return False
+
+    def _message_delta(self, event: _AnthropicEvent, answer: StreamAssembler) -> None:
+        if event.delta is not None and event.delta.stop_reason:
+            answer.finish_reason = _STOP_REASONS.get(event.delta.stop_reason, "stop")
+            self.finished = True
+        if event.usage is not None:
+            answer.set_usage(event.usage.input_tokens, event.usage.output_tokens)
 
 Dialect = OpenAIStream | AnthropicStream
 

@@ -33,9 +33,9 @@ from contracts import (
     decode_reply,
 )
 from worker.assembly import Completion
-from worker.backoff import Stopped, until_redis
+from worker.backoff import REDIS_DOWN, Stopped, until_redis
 from worker.finisher import DeadLetter, Finish, Outcome
-from worker.inbox import Delivery
+from worker.inbox import Delivery, Owner
 from worker.publisher import Publisher, ReplyStream
 from worker.router import ModelRouter, RouteError
 from worker.settings import Settings
@@ -230,8 +230,23 @@ class JobRunner:
                 if exc.code != ErrorCode.INTERRUPTED or restarts <= 0:
                     raise
                 restarts -= 1
+                await self._keep_lease(run)
                 run.reply = self.publisher.stream(run.job.request_id, run.reply.attempt + 1)
                 log.warning("stream broke part-way; starting again", attempt=run.reply.attempt)
+
+    async def _keep_lease(self, run: Run) -> None:
+        """Before another paid call, ask who owns the job: a worker that was paused, or cut off from
+        Redis, past its lease learns here that another worker took the job over, or answered it."""
+        owner = await run.delivery.owner()
+        if owner is Owner.NOBODY:
+            try:
+                answered = await self.redis.exists(self.publisher.keys.result(run.job.request_id))
+            except REDIS_DOWN:
+                answered = 0  # cannot tell: go on, the finisher fences the outcome anyway
+            owner = Owner.ANOTHER if answered else Owner.THIS_WORKER  # else its stream was deleted: answer it
+        if owner is Owner.ANOTHER:
+            self._stop(run, Stop.LOST)
+            await asyncio.sleep(0)  # the cancel lands here
 
     def _time_limit(self, job: Job) -> tuple[float, bool]:
         """Seconds the job may run, and whether its deadline (not the worker's limit) sets them."""
