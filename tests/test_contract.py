@@ -19,10 +19,14 @@ SHARED = ROOT.parent / "shared" / "CONTRACT.md"
 PAGE = VENDORED.read_text()
 
 
-def section(number: int) -> str:
-    match = re.search(rf"^## {number}\..*?(?=^## |\Z)", PAGE, re.S | re.M)
+def _section(page: str, number: int) -> str:
+    match = re.search(rf"^## {number}\..*?(?=^## |\Z)", page, re.S | re.M)
     assert match, f"section {number} not found"
     return match.group(0)
+
+
+def section(number: int) -> str:
+    return _section(PAGE, number)
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -44,10 +48,22 @@ def fields_of(struct: type[msgspec.Struct]) -> dict[str, bool]:
     return {f.name: f.required for f in info.fields}
 
 
-def test_vendored_page_is_the_shared_page() -> None:
+def names_in(page: str) -> set[str]:
+    """Every name the page sets in code type: fields, keys, codes, variables."""
+    return {n for n in re.findall(r"`([^`\s]+)`", page) if re.fullmatch(r"[A-Za-z_{}:./-]+", n)}
+
+
+def test_page_only_adds_to_the_v1_baseline() -> None:
+    """An orchestrator written against the first v1 page keeps working: every field, key, code and
+    variable it names is still here, with the same requiredness, and no new job field is required."""
     if not SHARED.exists():
         pytest.skip("no shared/ folder beside the repository")
-    assert VENDORED.read_text() == SHARED.read_text(), "docs/CONTRACT.md is out of date: copy ../shared/CONTRACT.md"
+    baseline = SHARED.read_text()
+    assert names_in(baseline) - names_in(PAGE) == set()
+    first = {code_names(r[0])[0]: r[2].startswith("yes") for r in table_rows(_section(baseline, 1))}
+    now = {code_names(r[0])[0]: r[2].startswith("yes") for r in table_rows(section(1))}
+    assert {k: v for k, v in now.items() if k in first} == first
+    assert not any(now[k] for k in set(now) - set(first)), "a new job field must be optional"
 
 
 def test_job_fields_and_requiredness_follow_section_1() -> None:
@@ -76,10 +92,11 @@ def test_reply_fields_follow_section_2() -> None:
 
 
 def test_error_codes_and_dead_letters_follow_section_2() -> None:
-    rows = [r for r in table_rows(section(2)) if len(r) == 3 and r[2] in ("yes", "no")]
+    rows = [r for r in table_rows(section(2)) if len(r) == 4 and r[2] in ("yes", "no")]
     page = {code_names(r[0])[0]: r[2] == "yes" for r in rows}
     assert {code.value for code in c.ErrorCode} == set(page)
     assert {code.value for code in c.DEAD_LETTER_CODES} == {k for k, dead in page.items() if dead}
+    assert all(r[3] for r in rows), "every code says whether it is worth retrying"
 
 
 def test_heartbeat_fields_follow_section_6() -> None:
@@ -152,9 +169,12 @@ def test_example_replies_decode_and_encode_back(example: dict[str, object]) -> N
 
 
 def test_heartbeat_round_trips() -> None:
-    beat = {"consumer": "h-1-abc", "host": "h", "pid": 1, "version": "0.1.0", "started_at_ms": 1,
-            "heartbeat_at_ms": 2, "in_flight": 3, "completed": 4, "failed": 5}
+    v1 = {"consumer": "h-1-abc", "host": "h", "pid": 1, "version": "0.1.0", "started_at_ms": 1,
+          "heartbeat_at_ms": 2, "in_flight": 3, "completed": 4, "failed": 5}
+    beat = {**v1, "unwritten": 2, "writes_refused_since_ms": 3}
     assert json.loads(c.encode(c.decode_heartbeat(json.dumps(beat)))) == beat
+    first = c.decode_heartbeat(json.dumps(v1))  # a first-v1 heartbeat still reads, with the added fields' defaults
+    assert (first.unwritten, first.writes_refused_since_ms) == (0, None)
 
 
 def test_a_reply_without_its_type_is_refused() -> None:
@@ -174,6 +194,13 @@ VALID = {"request_id": "req-1", "tenant_id": "t1", "model": "fast", "messages": 
         ({"request_id": ""}, False),
         ({"request_id": "x" * 129}, False),
         ({"request_id": 12}, False),
+        ({"request_id": "nl-1\n"}, False),
+        ({"request_id": "x" * 128 + "\n"}, False),
+        ({"tenant_id": "t1\n"}, True),
+        ({"deadline_ms": 60000.5}, True),
+        ({"tools": [1]}, True),
+        ({"stream": None}, True),
+        ({"model": None}, True),
         ({"tenant_id": "t/1"}, True),
         ({"tenant_id": None}, True),
         ({"model": ""}, True),
@@ -213,6 +240,18 @@ def test_missing_fields_are_named() -> None:
             c.decode_job(json.dumps(body).encode())
 
 
+@pytest.mark.parametrize("raw", [b'"deadline_ms": 1e0', b'"v": 1e0'])
+def test_integers_must_be_json_integers(raw: bytes) -> None:
+    body = json.dumps(VALID).encode()[:-1] + b", " + raw + b"}"
+    with pytest.raises(c.InvalidJob):
+        c.decode_job(body)
+
+
+def test_null_is_accepted_where_the_page_says() -> None:
+    job = c.decode_job(json.dumps({**VALID, "tools": None, "params": {"temperature": None}, "deadline_ms": None}).encode())
+    assert job.tools is None and job.deadline_ms is None and job.provider_params() == {}
+
+
 def test_size_limit_counts_raw_bytes() -> None:
     body = json.dumps({**VALID, "messages": [{"role": "user", "content": "é" * 600}]}).encode()
     c.decode_job(body, max_bytes=len(body))
@@ -231,7 +270,13 @@ def test_contracts_imports_only_msgspec() -> None:
     assert set(out.stdout.split()) <= {"contracts", "msgspec", "typing_extensions"}  # the last is msgspec's own
 
 
-def test_the_client_does_not_pull_in_litellm() -> None:
-    code = "import sys, worker.client; print('litellm' in sys.modules, 'openai' in sys.modules)"
+def test_the_client_imports_neither_litellm_nor_the_worker() -> None:
+    code = "import sys, client; print('litellm' in sys.modules, 'openai' in sys.modules, 'worker' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip() == "False False"
+    assert out.stdout.strip() == "False False False"
+
+
+def test_the_old_client_import_still_works_with_a_warning() -> None:
+    code = "import warnings; warnings.simplefilter('error'); import worker.client"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
+    assert "DeprecationWarning" in out.stderr and "client" in out.stderr

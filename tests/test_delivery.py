@@ -90,6 +90,18 @@ async def test_too_many_deliveries_end_in_the_dead_letter_stream(
     assert standin.calls_with(mark) == []
 
 
+async def test_a_reused_request_id_is_answered_from_the_store(client: LLMClient, worker: Any, standin: StandIn) -> None:
+    """request_id is an idempotency key while the outcome is stored (CONTRACT.md §1), even when the
+    second job asks for a stream and the stored answer is whole."""
+    mark = marker()
+    rid = "reuse-" + mark
+    first = await client.complete("openai", user(mark), tenant_id="t", request_id=rid, timeout=10)
+    events = [e async for e in client.stream("openai", user(mark + " again"), tenant_id="t", request_id=rid, timeout=10)]
+    [done] = events
+    assert isinstance(done, Done) and done.content == first.content and done.attempt == first.attempt
+    assert len(standin.calls_with(mark)) == 1, "the model was called once"
+
+
 async def test_answered_entries_do_not_pile_up(client: LLMClient, worker: Any, redis: aioredis.Redis) -> None:
     for i in range(5):
         await client.complete("ollama", user(f"n{i}"), tenant_id="t", timeout=10)
