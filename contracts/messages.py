@@ -26,6 +26,9 @@ class ErrorCode(StrEnum):
     INVALID_JOB = "invalid_job"
     UNKNOWN_MODEL = "unknown_model"
     BAD_REQUEST = "bad_request"
+    PROVIDER_AUTH = "provider_auth"  # added after the first v1 page, as are the two below
+    RATE_LIMITED = "rate_limited"
+    ANSWER_TOO_LARGE = "answer_too_large"
     PROVIDERS_UNAVAILABLE = "providers_unavailable"
     INTERRUPTED = "interrupted"
     EXPIRED = "expired"
@@ -187,30 +190,91 @@ def encode(message: Job | Reply | Heartbeat) -> bytes:
     return _encoder.encode(message)
 
 
+_BOM: Final = b"\xef\xbb\xbf"
+_LONE_SURROGATE: Final = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})|(?<![0-9a-fA-F]{4})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+_TOKEN: Final = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]:,]')
+
+
+def _as_bytes(raw: bytes | str) -> bytes:
+    return raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+
+
+def _mended(data: bytes) -> bytes:
+    """The job with what keeps it from decoding at all replaced, to read its request_id."""
+    data = data.removeprefix(_BOM)
+    data = data.decode("utf-8", "replace").encode()
+    return _LONE_SURROGATE.sub(rb"\\ufffd", data)
+
+
+def _top_level_request_id(data: bytes) -> Any:
+    """The top-level ``request_id`` of a job too deeply nested to decode, by a linear scan of its tokens."""
+    depth, key, after_colon = 0, None, False
+    for match in _TOKEN.finditer(data):
+        token = match.group()
+        if token in (b"{", b"["):
+            depth += 1
+        elif token in (b"}", b"]"):
+            depth -= 1
+        elif depth != 1:
+            continue
+        elif token == b":":
+            after_colon = True
+        elif token == b",":
+            key, after_colon = None, False
+        elif after_colon:
+            return msgspec.json.decode(token) if key == b'"request_id"' else None
+        else:
+            key = token
+    return None
+
+
 def readable_request_id(raw: bytes | str) -> str | None:
     """The job's ``request_id`` if it can be read and is valid, so that the sender can be told."""
+    data = _as_bytes(raw)
+    rid: Any = None
     try:
-        rid = _request_id_decoder.decode(raw).request_id
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        return None
+        rid = _request_id_decoder.decode(data).request_id
+    except RecursionError:
+        rid = _top_level_request_id(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        try:
+            rid = _request_id_decoder.decode(_mended(data)).request_id
+        except (msgspec.DecodeError, RecursionError):
+            rid = _top_level_request_id(_mended(data))
     return rid if isinstance(rid, str) and _ID_RE.match(rid) else None
 
 
+def _why_not_decoded(data: bytes, exc: Exception) -> str:
+    """A true account of why the job could not be decoded."""
+    if isinstance(exc, RecursionError):
+        return "the job nests deeper than the decoder allows"
+    if data.startswith(_BOM):
+        return "the job starts with a byte order mark, which JSON does not allow"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"the job is not valid UTF-8 (byte 0x{data[bad.start]:02x} at offset {bad.start})"
+    surrogate = _LONE_SURROGATE.search(data)
+    if surrogate is not None:
+        return f"the job contains a lone UTF-16 surrogate escape ({surrogate.group().decode()}), which is not a character"
+    return f"the job is not JSON: {exc}"
+
+
 def decode_job(raw: bytes | str | None, max_bytes: int = DEFAULT_MAX_JOB_BYTES) -> Job:
-    """Decode the ``job`` field of a stream entry, or raise :class:`InvalidJob`."""
+    """Decode the ``job`` field of a stream entry, or raise :class:`InvalidJob`; nothing else."""
     if raw is None:
         raise InvalidJob("the entry has no `job` field")
-    size = len(raw.encode() if isinstance(raw, str) else raw)
-    if size > max_bytes:
-        raise InvalidJob(f"the job is {size} bytes, over the limit of {max_bytes}", readable_request_id(raw))
+    data = _as_bytes(raw)
+    if len(data) > max_bytes:
+        raise InvalidJob(f"the job is {len(data)} bytes, over the limit of {max_bytes}", readable_request_id(data))
     try:
-        return _job_decoder.decode(raw)
+        return _job_decoder.decode(data)
     except msgspec.ValidationError as exc:
-        raise InvalidJob(str(exc), readable_request_id(raw)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        raise InvalidJob(f"the job is not JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidJob("the job nests too deeply to decode", readable_request_id(raw)) from None
+        raise InvalidJob(str(exc), readable_request_id(data)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidJob(_why_not_decoded(data, exc), readable_request_id(data)) from None
 
 
 def decode_reply(raw: bytes | str) -> Reply:

@@ -158,8 +158,9 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, standin: StandIn) -> P
 async def router(config_path: Path) -> Any:
     from worker.model_config import load_model_config
     from worker.router import ModelRouter
+    from worker.transport import Limits
 
-    model_router = ModelRouter(load_model_config(config_path))
+    model_router = ModelRouter(load_model_config(config_path), limits=Limits(answer_chars=50_000))
     await model_router.warm_up()
     return model_router
 

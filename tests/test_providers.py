@@ -203,10 +203,10 @@ async def test_both_stream_paths_give_the_same_messages(group: str, client: LLMC
     answers = {}
     for lean in (True, False):
         router.lean_streams = lean
-        tapped_before = router._tap.tapped
+        tapped_before = router.transport.split_count
         chunks, done = await collect(client, group, "alpha beta gamma delta #slow=5")
         with_tool = await collect(client, group, "Tromsø #tool", tools=[WEATHER_TOOL])
-        used_lean = router._tap.tapped > tapped_before
+        used_lean = router.transport.split_count > tapped_before
         assert used_lean == (lean and group in ("openai", "anthropic")), "the lean path serves OpenAI and Anthropic streams"
         answers[lean] = [
             ("".join(c.text for c in chunks), done.content, done.usage, done.finish_reason, done.provider_model, done.cost_usd),

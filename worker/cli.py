@@ -84,9 +84,10 @@ async def serve(settings: Settings) -> None:
     from worker.model_config import load_model_config
     from worker.router import ModelRouter
     from worker.service import Worker
+    from worker.transport import limits_of
 
     signals = Signals()
-    router = ModelRouter(load_model_config(settings.config), lean_streams=settings.lean_streams)
+    router = ModelRouter(load_model_config(settings.config), lean_streams=settings.lean_streams, limits=limits_of(settings))
     await router.warm_up()
     if signals.count:
         log.info("stopped during start-up")

@@ -1,48 +1,71 @@
-"""The lean stream path: litellm's Router opens a stream, the worker reads its bytes.
+"""The lean stream path: litellm's Router opens a stream, the worker parses its bytes.
 
 litellm spends about half a millisecond of CPU on each streamed chunk; parsing the SSE line once
-costs a few microseconds. So a transport under litellm's HTTP clients (the one it gives the
-OpenAI SDK, and its own module-level client, which the Anthropic handler streams through) splits
-a tagged streaming response in two:
+costs a few microseconds. So the provider transport (``worker.transport``) splits a tagged event
+stream after its first event with content: litellm gets that head and a synthetic end, and
+:func:`read_rest` parses the rest here. Two wire formats are understood: OpenAI's chat chunks
+(OpenAI, vLLM, Ollama's /v1, ...) and Anthropic's message events.
 
-* litellm gets the events up to the first one that carries content, then a synthetic end. Its
-  Router therefore chooses the deployment, retries, falls back and cools deployments down exactly
-  as for any stream (all of which happens before the first token), and records the attempt.
-* the rest of the body is parked under the request's tag, and :func:`read_rest` parses it.
-
-Two wire formats are understood: OpenAI's chat chunks (OpenAI, vLLM, Ollama's /v1, ...) and
-Anthropic's message events. Anything else (other providers, untagged requests, errors) passes
-through untouched and stays on litellm's path.
+Parsing is linear in the bytes received, whatever the provider sends: lines are split once, as
+they complete, and the event loop gets a turn every few milliseconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
 
 from worker.assembly import StreamAssembler
 
-TAP_HEADER = "x-llm-pool-stream"
-_TAP_KEY = TAP_HEADER.encode()
+if TYPE_CHECKING:
+    from worker.transport import TappedStream
 
 OnText = Callable[[str], bool]
+SLICE_S = 0.002  # the longest a parse runs before the event loop gets a turn
+
+
+class ProviderFault(httpx.RemoteProtocolError):
+    """The provider's answer broke a bound the worker sets: litellm sees a failed call to it."""
 
 
 class StreamBroken(Exception):
     """The provider stream ended without its end, or said it failed, after the head."""
 
 
-def _payloads(buffer: bytes) -> tuple[list[bytes], bytes]:
-    """Complete SSE ``data:`` payloads in ``buffer``, and what is left of an unfinished line."""
-    lines = buffer.split(b"\n")
-    rest = lines.pop()
-    return [line[5:].strip() for line in lines if line.startswith(b"data:")], rest
+class LineReader:
+    """Complete lines of a byte stream, each found once: linear in the bytes fed, however they are
+    cut. The transport bounds how long an unfinished line may grow."""
+
+    __slots__ = ("_pending", "_received")
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._received = 0
+
+    def feed(self, data: bytes, offset: int | None = None) -> list[tuple[bytes, int]]:
+        """The lines completed by ``data`` (without their line ending), each with the offset just
+        past its newline in the whole stream (or past ``offset`` + its position in ``data``)."""
+        base = self._received - len(self._pending) if offset is None else offset - len(self._pending)
+        self._received += len(data)
+        buffer = self._pending
+        search = len(buffer)
+        buffer += data
+        lines: list[tuple[bytes, int]] = []
+        start = 0
+        newline = buffer.find(b"\n", search)
+        while newline != -1:
+            end = newline - 1 if newline > start and buffer[newline - 1] == 13 else newline  # \r\n
+            lines.append((bytes(buffer[start:end]), base + newline + 1))
+            start = newline + 1
+            newline = buffer.find(b"\n", start)
+        del buffer[:start]  # O(1): a bytearray drops its front without copying
+        return lines
 
 
 # ---- OpenAI chat chunks ----------------------------------------------------------------------
@@ -70,8 +93,8 @@ class _Choice(msgspec.Struct):
 
 
 class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    prompt_tokens: Any = None  # checked by the assembler: a provider's numbers are not trusted
+    completion_tokens: Any = None
 
 
 class _Chunk(msgspec.Struct):
@@ -148,8 +171,8 @@ class _BlockDelta(msgspec.Struct):
 
 
 class _AnthropicUsage(msgspec.Struct):
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    input_tokens: Any = None  # checked by the assembler
+    output_tokens: Any = None
 
 
 class _Message(msgspec.Struct):
@@ -234,151 +257,52 @@ class AnthropicStream:
 Dialect = OpenAIStream | AnthropicStream
 
 
-def dialect_of(request: httpx.Request) -> Dialect:
-    return AnthropicStream() if request.url.path.endswith("/messages") else OpenAIStream()
-
-
-# ---- the tap ------------------------------------------------------------------------------
-
-
-@dataclass
-class TappedStream:
-    """The body of a streaming response after its head, still being received."""
-
-    rest: bytes
-    body: AsyncIterator[bytes]
-    response: httpx.Response
-    dialect: Dialect
-
-    async def aclose(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.response.aclose()
-
-
-class _Head(httpx.AsyncByteStream):
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        yield self.data
-
-
-class StreamTap(httpx.AsyncBaseTransport):
-    """Wraps litellm's own transport; splits tagged event streams, passes everything else."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-        self.parked: dict[str, TappedStream] = {}
-        self.tapped = 0  # streams split so far, for tests and metrics
-
-    def take(self, tag: str) -> TappedStream | None:
-        return self.parked.pop(tag, None)
-
-    async def discard(self, tag: str) -> None:
-        """Close a body nobody will read (the call failed after the head was parked)."""
-        tapped = self.parked.pop(tag, None)
-        if tapped is not None:
-            await tapped.aclose()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        # a scan of the raw list: httpx's Headers.get costs more than the rest of this check
-        tag = next((value.decode() for key, value in request.headers.raw if key.lower() == _TAP_KEY), None)
-        response = await self.inner.handle_async_request(request)
-        if tag is None or response.status_code != 200 or "event-stream" not in response.headers.get("content-type", ""):
-            return response
-        body = aiter(response.stream)  # type: ignore[arg-type]
-        buffer, cut = b"", -1
-        while cut == -1:
-            try:
-                data = await anext(body)
-            except StopAsyncIteration:
-                break
-            buffer += data
-            dialect = dialect_of(request)  # the head is read again from its start: a fresh parser
-            cut = self._head_end(buffer, dialect)
-        if cut < 0:  # the whole answer fitted in the head, or it is not ours to judge: litellm reads it all
-            return httpx.Response(200, headers=response.headers, stream=_Head(buffer), extensions=response.extensions)
-        await self.discard(tag)  # an earlier attempt of the same call, retried by the Router
-        self.parked[tag] = TappedStream(buffer[cut:], body, response, dialect)
-        self.tapped += 1
-        head = buffer[:cut] + dialect.synthetic_end
-        return httpx.Response(200, headers=response.headers, stream=_Head(head), extensions=response.extensions)
-
-    @staticmethod
-    def _head_end(buffer: bytes, dialect: Dialect) -> int:
-        """Offset just past the first event with content (its closing blank line included);
-        -1 if it has not fully arrived yet, -2 if the stream is not to be split."""
-        line_start, position = 0, buffer.find(b"\n")
-        found = False
-        while position >= 0:
-            line = buffer[line_start:position].rstrip(b"\r")
-            if found and not line:
-                return position + 1
-            if line.startswith(b"data:"):
-                try:
-                    found = dialect.head(line[5:].strip())
-                except (EOFError, msgspec.DecodeError):
-                    return -2
-            line_start = position + 1
-            position = buffer.find(b"\n", line_start)
-        return -1
+def dialect_of(path: str) -> Dialect:
+    return AnthropicStream() if path.endswith("/messages") else OpenAIStream()
 
 
 async def read_rest(tapped: TappedStream, answer: StreamAssembler, on_text: OnText) -> None:
     """Parse the parked body into ``answer``; ``on_text`` sees each text as it arrives, and
     returns True when the event loop should run (a batch of replies is ready to leave).
 
-    Raises :class:`StreamBroken` when the stream does not end properly.
+    Raises :class:`StreamBroken` when the provider fails: the stream ends before its finish, the
+    connection fails, an event is not what the format says. A bug of ours propagates as it is.
     """
     dialect = tapped.dialect
     dialect.begin(answer)
-    pending = tapped.rest
+    loop = asyncio.get_running_loop()
+    turn_at = loop.time() + SLICE_S
     try:
-        while True:
-            payloads, pending = _payloads(pending)
-            for payload in payloads:
-                over, turn = dialect.feed(payload, answer, on_text)
+        async with contextlib.aclosing(_payloads(tapped)) as payloads:
+            async for payload in payloads:
+                try:
+                    over, turn = dialect.feed(payload, answer, on_text)
+                except msgspec.DecodeError as exc:  # not JSON, or not the format's shape
+                    raise StreamBroken("the provider sent an event that is not in its format") from exc
                 if over:
                     return
-                if turn:
-                    await asyncio.sleep(0)  # let the publisher send the batch this text started
-            try:
-                pending += await anext(tapped.body)
-            except StopAsyncIteration:
-                if dialect.finished:
-                    return
-                raise StreamBroken("the provider stream ended before its finish") from None
-    except StreamBroken:
-        raise
-    except msgspec.DecodeError as exc:
-        raise StreamBroken("the provider sent an event that is not JSON") from exc
-    except Exception as exc:  # the transport's own errors: connection reset, read timeout, ...
-        raise StreamBroken(f"the provider connection failed mid-stream ({type(exc).__name__})") from exc
+                if turn or loop.time() >= turn_at:
+                    await asyncio.sleep(0)  # let the publisher send the batch; never hold the loop long
+                    turn_at = loop.time() + SLICE_S
+        if not dialect.finished:
+            raise StreamBroken("the provider stream ended before its finish")
     finally:
         await tapped.aclose()
 
 
-def install_tap() -> StreamTap:
-    """Put one :class:`StreamTap` under the HTTP clients litellm streams through: the one it gives
-    the OpenAI SDK, and its module-level client (Anthropic's handler)."""
-    import litellm
-    from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler, get_ssl_configuration
-
-    # the same transport, TLS settings and proxy mounts litellm would build itself
-    ssl_config = get_ssl_configuration()
-    inner = AsyncHTTPHandler.create_async_transport(
-        ssl_context=ssl_config if isinstance(ssl_config, ssl.SSLContext) else None,
-        ssl_verify=ssl_config if isinstance(ssl_config, bool) else None,
-    )
-    tap = StreamTap(inner or httpx.AsyncHTTPTransport())
-    litellm.aclient_session = httpx.AsyncClient(
-        verify=ssl_config,
-        transport=tap,
-        mounts=AsyncHTTPHandler.create_httpx_proxy_mounts(inner, verify=ssl_config, cert=None),
-        follow_redirects=True,
-    )
-    litellm.module_level_aclient = AsyncHTTPHandler(transport=tap, ssl_verify=ssl_config)
-    return tap
+async def _payloads(tapped: TappedStream) -> AsyncGenerator[bytes, None]:
+    """The ``data:`` payloads of the rest of the stream, as its lines complete."""
+    lines = LineReader()
+    data = tapped.rest
+    while True:
+        for line, _ in lines.feed(data):
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+        try:
+            data = await anext(tapped.body)
+        except StopAsyncIteration:
+            return
+        except ProviderFault as exc:
+            raise StreamBroken(str(exc)) from exc
+        except (OSError, httpx.HTTPError) as exc:  # connection reset, read timeout
+            raise StreamBroken(f"the provider connection failed mid-stream ({type(exc).__name__})") from exc

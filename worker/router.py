@@ -16,21 +16,20 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import litellm
-import openai
 import structlog
-from litellm import exceptions as llm_errors
 from litellm.router import Router
-from litellm.types.router import RouterRateLimitError
 
 from contracts import ErrorCode, Job, ToolCall, Usage
-from worker.assembly import Completion, StreamAssembler
-from worker.lean import TAP_HEADER, StreamBroken, StreamTap, install_tap, read_rest
+from worker.assembly import AnswerTooLarge, Completion, StreamAssembler
+from worker.errors import CALL_FAILURES, describe, judge
+from worker.lean import StreamBroken, read_rest
 from worker.model_config import PRICE_KEYS, Deployment, ModelConfig
+from worker.transport import CALL_HEADER, Limits, ProviderTransport, install_transport
 
 log = structlog.get_logger(__name__)
 
@@ -38,25 +37,18 @@ log = structlog.get_logger(__name__)
 # because the text started a batch of replies that can leave.
 OnText = Callable[[str], bool]
 
-# The provider rejected the request itself: no retry or other deployment can fix it.
-_BAD_REQUEST = (
-    llm_errors.BadRequestError,
-    llm_errors.UnprocessableEntityError,
-    llm_errors.ContentPolicyViolationError,
-    llm_errors.ContextWindowExceededError,
-)
-# Raised by the Router itself, not by a provider: every deployment is cooling down.
-_ROUTER_FAILURES = (openai.OpenAIError, RouterRateLimitError)
 LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
 
 
 class RouteError(Exception):
-    """A job's call failed in a way the contract names; ``message`` is safe to send."""
+    """A job's call failed in a way the contract names; ``message`` is safe to send. ``restart``:
+    the stream broke after chunks, and starting again as the next attempt may succeed."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, restart: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.restart = restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,24 +92,6 @@ def price_of(deployment: Deployment) -> Price | None:
     return Price(float(cin), float(cout))
 
 
-def describe_failure(group: str, exc: BaseException) -> str:
-    """A one-line account of a provider failure, without the provider's body or our hints."""
-    if isinstance(exc, RouterRateLimitError):
-        return f"model group '{group}': every deployment is cooling down after failures"
-    status = getattr(exc, "status_code", None)
-    kind = type(exc).__name__
-    return f"model group '{group}': {kind}" + (f" (HTTP {status})" if isinstance(status, int) else "")
-
-
-def classify(group: str, exc: BaseException) -> RouteError:
-    if isinstance(exc, _BAD_REQUEST):
-        return RouteError(ErrorCode.BAD_REQUEST, "the provider rejected the request: " + describe_failure(group, exc))
-    return RouteError(
-        ErrorCode.PROVIDERS_UNAVAILABLE,
-        "every deployment and fallback failed: " + describe_failure(group, exc),
-    )
-
-
 async def close_stream(stream: Any) -> None:
     """Close the provider connection of a stream that ended early (cancelled, timed out, broken).
 
@@ -135,17 +109,25 @@ async def close_stream(stream: Any) -> None:
 class ModelRouter:
     """The model groups of one worker process."""
 
-    def __init__(self, config: ModelConfig, lean_streams: bool = True) -> None:
+    def __init__(self, config: ModelConfig, lean_streams: bool = True, limits: Limits | None = None) -> None:
         quiet_litellm()
-        self.lean_streams = lean_streams
-        self._tap: StreamTap | None = install_tap() if lean_streams else None
-        for key, value in config.litellm_settings.items():
+        for key, value in config.litellm_settings.items():  # before the transport: TLS settings must reach it
             setattr(litellm, key, value)
+        self.limits = limits or Limits()
+        self.transport: ProviderTransport = install_transport(self.limits, split=lean_streams)
         self.config = config
         self.groups = config.groups
         self._deployments = config.by_id()
         self._prices = {d.id: price_of(d) for d in config.deployments}
         self._router = Router(model_list=[d.entry() for d in config.deployments], **dict(config.router_settings))
+
+    @property
+    def lean_streams(self) -> bool:
+        return self.transport.split
+
+    @lean_streams.setter
+    def lean_streams(self, on: bool) -> None:
+        self.transport.split = on
 
     async def warm_up(self) -> None:
         """Pay litellm's lazy imports (about a second per provider) before the first job does.
@@ -164,10 +146,11 @@ class ModelRouter:
     def deployment(self, deployment_id: str | None) -> Deployment | None:
         return self._deployments.get(deployment_id or "")
 
-    def _call_kwargs(self, job: Job) -> dict[str, Any]:
+    def _call_kwargs(self, job: Job, tag: str, stream: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"model": job.model, "messages": job.messages, **job.provider_params()}
         if job.tools:
             kwargs["tools"] = job.tools
+        kwargs["extra_headers"] = {CALL_HEADER: f"{tag} {'stream' if stream else 'whole'}"}
         return kwargs
 
     def _finish(self, job: Job, hidden: Mapping[str, Any], answer: StreamAssembler) -> Completion:
@@ -202,66 +185,81 @@ class ModelRouter:
             prompt, completion = sum(len(str(m.get("content", ""))) for m in job.messages) // 4, len(text) // 4
         return Usage(int(prompt), int(completion), estimated=True)
 
+    @contextlib.asynccontextmanager
+    async def _call(self, job: Job) -> AsyncIterator[str]:
+        """One tagged call: its failures become contract errors, and the transport's record of
+        it is dropped at the end (closing a parked body nobody read)."""
+        self._require_group(job.model)
+        tag = uuid.uuid4().hex
+        try:
+            yield tag
+        except CALL_FAILURES as exc:
+            failure: BaseException = exc
+            if self.transport.record(tag).too_large:
+                failure = AnswerTooLarge(f"the answer's body is over {self.limits.body_bytes} bytes")
+            verdict = judge(failure, chunks_sent=False)
+            raise RouteError(verdict.code, f"{verdict.summary}: {describe(job.model, failure)}") from exc
+        finally:
+            await self.transport.forget(tag)
+
     async def complete(self, job: Job) -> Completion:
         """One non-streamed answer."""
-        self._require_group(job.model)
-        try:
-            response = await self._router.acompletion(**self._call_kwargs(job))
-        except _ROUTER_FAILURES as exc:
-            raise classify(job.model, exc) from exc
-        choice = response.choices[0]
-        answer = StreamAssembler()  # a whole answer is a stream of one delta
-        answer.add_text(choice.message.content or "")
-        for i, call in enumerate(choice.message.tool_calls or ()):
-            answer.add_tool_fragment(i, call.id, call.function.name, call.function.arguments)
-        usage = getattr(response, "usage", None)
-        answer.set_usage(getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None))
-        answer.finish_reason = choice.finish_reason
-        return self._finish(job, getattr(response, "_hidden_params", None) or {}, answer)
+        async with self._call(job) as tag:
+            response = await self._router.acompletion(**self._call_kwargs(job, tag, stream=False))
+            choice = response.choices[0]
+            answer = StreamAssembler(self.limits.answer_chars)  # a whole answer is a stream of one delta
+            answer.add_text(choice.message.content or "")
+            for i, call in enumerate(choice.message.tool_calls or ()):
+                answer.add_tool_fragment(i, call.id, call.function.name, call.function.arguments)
+            usage = getattr(response, "usage", None)
+            answer.set_usage(getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None))
+            answer.finish_reason = choice.finish_reason
+            return self._finish(job, getattr(response, "_hidden_params", None) or {}, answer)
 
     async def stream(self, job: Job, on_text: OnText) -> Completion:
         """A streamed answer: ``on_text`` sees each piece of text as it arrives.
 
         With lean streams on, litellm reads the stream up to its first token and the rest is
         parsed here (see ``worker.lean``); other providers stay on litellm's path throughout.
+        A failure after chunks were sent is judged here, not by litellm (``worker.errors``).
         """
-        self._require_group(job.model)
-        answer = StreamAssembler()
-        kwargs = self._call_kwargs(job)
-        tag = None
-        if self.lean_streams and self._tap is not None:
-            tag = uuid.uuid4().hex
-            kwargs["extra_headers"] = {TAP_HEADER: tag}
-        stream: Any = None
-        hidden: Mapping[str, Any] = {}
-        try:
-            stream = await self._router.acompletion(**kwargs, stream=True, stream_options={"include_usage": True})
-            tapped = self._tap.take(tag) if tag and self._tap else None
-            async for chunk in stream:
-                await self._take_chunk(chunk, answer, on_text)
-            hidden = getattr(stream, "_hidden_params", None) or {}
-            if tapped is not None:
-                answer.forget_end()  # litellm saw a synthetic end after the head
-                stream = None  # litellm is done with this call: let its objects go while the stream runs on
-                await read_rest(tapped, answer, on_text)
-        except (*_ROUTER_FAILURES, StreamBroken) as exc:
-            if answer.chunks_seen:
-                self._cool_down(hidden or getattr(stream, "_hidden_params", None) or {}, exc)
-                raise RouteError(
-                    ErrorCode.INTERRUPTED, "the provider stream broke part-way: " + describe_failure(job.model, exc)
-                ) from exc
-            raise classify(job.model, exc) from exc
-        finally:
-            await close_stream(stream)
-            if tag and self._tap:
-                await self._tap.discard(tag)
+        answer = StreamAssembler(self.limits.answer_chars)
+        async with self._call(job) as tag:
+            stream: Any = None
+            hidden: Mapping[str, Any] = {}
+            try:
+                stream = await self._router.acompletion(
+                    **self._call_kwargs(job, tag, stream=True), stream=True, stream_options={"include_usage": True}
+                )
+                tapped = self.transport.take(tag)
+                async for chunk in stream:
+                    await self._take_chunk(chunk, answer, on_text)
+                hidden = getattr(stream, "_hidden_params", None) or {}
+                if tapped is None and self.transport.record(tag).split:
+                    raise StreamBroken("the rest of the stream was parked and never taken")  # never one token as a whole answer
+                if tapped is not None:
+                    answer.forget_end()  # litellm saw a synthetic end after the head
+                    stream = None  # litellm is done with this call: let its objects go while the stream runs on
+                    await read_rest(tapped, answer, on_text)
+            except CALL_FAILURES as exc:
+                if not answer.chunks_seen:
+                    raise
+                self._broken_after_chunks(job, hidden or getattr(stream, "_hidden_params", None) or {}, exc)
+            finally:
+                await close_stream(stream)
         return self._finish(job, hidden, answer)
+
+    def _broken_after_chunks(self, job: Job, hidden: Mapping[str, Any], exc: BaseException) -> None:
+        verdict = judge(exc, chunks_sent=True)
+        if verdict.cool_down:
+            self._cool_down(hidden, exc)
+        raise RouteError(verdict.code, f"{verdict.summary}: {describe(job.model, exc)}", restart=verdict.restart) from exc
 
     @staticmethod
     async def _take_chunk(chunk: Any, answer: StreamAssembler, on_text: OnText) -> None:
         usage = getattr(chunk, "usage", None)
         if usage is not None:
-            answer.set_usage(usage.prompt_tokens, usage.completion_tokens)
+            answer.set_usage(getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None))
         if not chunk.choices:
             return
         choice = chunk.choices[0]
@@ -276,7 +274,7 @@ class ModelRouter:
         if choice.finish_reason:
             answer.finish_reason = choice.finish_reason
 
-    def _cool_down(self, hidden: Mapping[str, Any], exc: Exception) -> None:
+    def _cool_down(self, hidden: Mapping[str, Any], exc: BaseException) -> None:
         """Cool down a deployment whose stream broke after tokens, so that the job's restart goes
         elsewhere: litellm counts only failures before the first chunk. A group's only deployment
         is left alone, as litellm leaves it."""

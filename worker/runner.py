@@ -227,7 +227,7 @@ class JobRunner:
                     return await self.router.stream(run.job, run.reply.send_text)
                 return await self.router.complete(run.job)
             except RouteError as exc:
-                if exc.code != ErrorCode.INTERRUPTED or restarts <= 0:
+                if not exc.restart or restarts <= 0:
                     raise
                 restarts -= 1
                 await self._keep_lease(run)

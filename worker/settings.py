@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     lean_streams: bool = Field(
         default=True, description="parse OpenAI and Anthropic streams here instead of in litellm's wrapper"
     )
+    max_answer_chars: int = Field(
+        default=1_000_000, ge=1000,
+        description="longest answer (text plus tool arguments) a job may get; longer ends `answer_too_large`",
+    )
+    max_event_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="longest line of a provider's event stream; longer fails the deployment"
+    )
     stream_restarts: int = Field(
         default=1, ge=0, description="times a stream that broke after chunks starts again as a new attempt"
     )
