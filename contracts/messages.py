@@ -85,12 +85,24 @@ class Job(msgspec.Struct, omit_defaults=True):
         for i, message in enumerate(self.messages):
             if not isinstance(message.get("role"), str):
                 raise ValueError(f"messages[{i}] has no string `role`")
+            if not _is_content(message.get("content")):
+                raise ValueError(f"messages[{i}].content must be a string, null, or a list of parts (objects with a string `type`)")
+        for i, tool in enumerate(self.tools or ()):
+            function = tool.get("function")
+            if tool.get("type") != "function" or not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError(f'tools[{i}] must be {{"type": "function", "function": {{"name": <string>, ...}}}}')
 
     def provider_params(self) -> dict[str, Any]:
         """The ``params`` that were set, as keyword arguments for the provider call."""
         if self.params is None:
             return {}
         return {k: v for k, v in msgspec.structs.asdict(self.params).items() if v is not None}
+
+
+def _is_content(content: Any) -> bool:
+    if content is None or isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in content)
 
 
 # ---- §2 replies -----------------------------------------------------------------------------
@@ -120,7 +132,7 @@ class Chunk(msgspec.Struct, tag_field="type", tag="chunk"):
     text: str
 
 
-class _Answer(msgspec.Struct):
+class _Answer(msgspec.Struct, omit_defaults=True):
     request_id: str
     attempt: int
     content: str
@@ -130,6 +142,7 @@ class _Answer(msgspec.Struct):
     provider_model: str
     finish_reason: str
     cost_usd: float | None
+    tenant_id: str | None = None  # added after the first v1 page: whose answer it is
 
 
 class Result(_Answer, tag_field="type", tag="result"):
@@ -142,11 +155,12 @@ class Done(_Answer, tag_field="type", tag="done", kw_only=True):
     seq: int
 
 
-class Error(msgspec.Struct, tag_field="type", tag="error"):
+class Error(msgspec.Struct, tag_field="type", tag="error", omit_defaults=True):
     request_id: str
     attempt: int
     code: str
     message: str
+    tenant_id: str | None = None  # added after the first v1 page; absent when the job's tenant is unknown
 
 
 Reply = Chunk | Done | Result | Error

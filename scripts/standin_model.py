@@ -38,7 +38,14 @@ from typing import Any
 
 from aiohttp import web
 
+try:
+    from scripts import hostile
+except ImportError:  # run as a script: scripts/ is on sys.path
+    import hostile  # type: ignore[no-redef]
+
 DIRECTIVE_WORD = re.compile(r"#([a-z]+)(?:=([0-9]+))?")
+# a provider, or a proxy in front of it, behaving badly (OpenAI format); see scripts/hostile.py
+HOSTILE = ("html", "gzip", "bomb", "hugeline", "padding", "negusage", "strusage")
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Plan:
     finish: str = "stop"
     usage: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    hostile: dict[str, int | None] = field(default_factory=dict)
 
 
 def _text_of(content: Any) -> str:
@@ -103,6 +111,7 @@ def make_plan(model: str, messages: list[dict[str, Any]], tools: list[dict[str, 
     if "length" in d:
         plan.finish = "length"
     plan.usage = "nousage" not in d
+    plan.hostile = {k: v for k, v in d.items() if k in HOSTILE}
     return plan
 
 
@@ -224,6 +233,8 @@ class StandIn:
         body, plan = await self._begin(request, "openai")
         if plan.fail:
             return self._fail(plan.fail, "openai")
+        if plan.hostile:
+            return await hostile.respond(request, plan, body)
         model = body.get("model", "stand-in")
         rid = "chatcmpl-" + uuid.uuid4().hex[:16]
         created = int(time.time())
@@ -397,14 +408,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=11434)
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ...")
+    parser.add_argument("--tls-key", help="... and this key")
     args = parser.parse_args()
+    tls = None
+    if args.tls_cert:
+        import ssl
+
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(StandIn().app(), host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=0.5)
+    web.run_app(StandIn().app(), host=args.host, port=args.port, print=None, access_log=None, shutdown_timeout=0.5,
+                ssl_context=tls)
 
 
 if __name__ == "__main__":

@@ -27,17 +27,17 @@ class CancelListener:
         self.channel = channel
         self.on_cancel = on_cancel
         self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="cancel-listener")
+        self.task = asyncio.create_task(self._run(), name="cancel-listener")
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
+        if self.task is not None:
+            self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await self.task
 
     async def _run(self) -> None:
         backoff = Backoff(first_s=0.2, cap_s=10.0)

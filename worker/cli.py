@@ -94,6 +94,8 @@ async def serve(settings: Settings) -> None:
         return
     signals.worker = Worker(settings, router)
     await signals.worker.run()
+    if signals.worker.failed:
+        raise SystemExit(1)
 
 
 async def ask(settings: Settings, args: argparse.Namespace) -> int:

@@ -8,9 +8,11 @@ One Lua script does all of it, so Redis takes all of it or none of it (CONTRACT.
   acknowledged (``fenced``). If nobody does and an outcome is stored, the job was answered
   elsewhere (``answered``). A stored outcome of a higher attempt is never overwritten
   (``superseded``: the entry is still acknowledged).
-* **Refused writes.** The first write of the script is the one Redis may refuse when it is out
-  of memory (``SET``, else ``XADD``), so a refusal leaves nothing half done: the entry stays
-  pending, and the publisher tries again later.
+* **Tenants.** A stored outcome carries its tenant, and a job of another tenant with the same
+  request_id never overwrites it: its refusal is published, not stored.
+* **Refused writes.** The writes Redis may refuse when it is out of memory (``SET``, ``XADD``)
+  come first, so a refusal leaves nothing half done: the entry stays pending, and the publisher
+  tries again later.
 """
 
 from __future__ import annotations
@@ -25,19 +27,22 @@ from contracts import Done, Terminal, encode
 from worker.inbox import Ack
 
 # KEYS: jobs stream, result key, dead-letter stream.
-# ARGV: group, consumer, entry id, attempt, ttl, reply channel, payload ('' for none), then the
-# dead letter's field/value pairs (none: no dead letter).
+# ARGV: group, consumer, entry id, attempt, ttl, reply channel, tenant, store ('1' or '0'), payload
+# ('' for none), then the dead letter's field/value pairs (none: no dead letter).
+# The writes Redis may refuse for lack of memory (SET, XADD) come before every other write.
 FINISH_SCRIPT = """
 local jobs, result, dead = KEYS[1], KEYS[2], KEYS[3]
 local group, me, id = ARGV[1], ARGV[2], ARGV[3]
-local attempt, ttl, channel, payload = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local attempt, ttl, channel, tenant = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+local payload = ARGV[9]
 
 local owner = false
 local pending = redis.pcall('XPENDING', jobs, group, id, id, 1)
 if type(pending) == 'table' and pending[1] then owner = pending[1][2] end
 if owner and owner ~= me then return 'fenced' end
 
-local store = payload ~= ''
+local publish = payload ~= ''
+local store = publish and ARGV[8] == '1'
 if store then
   local current = redis.call('GET', result)
   if current then
@@ -46,23 +51,23 @@ if store then
       return 'answered'
     end
     local ok, old = pcall(cjson.decode, current)
-    if ok and type(old) == 'table' and tonumber(old['attempt']) and tonumber(old['attempt']) > attempt then
-      store = false
+    if ok and type(old) == 'table' then
+      if type(old['tenant_id']) == 'string' and old['tenant_id'] ~= tenant then
+        store = false  -- another tenant's answer is never overwritten
+      elseif tonumber(old['attempt']) and tonumber(old['attempt']) > attempt then
+        store, publish = false, false
+      end
     end
   end
 end
-if store then
-  redis.call('SET', result, payload, 'EX', ttl)
-  redis.call('PUBLISH', channel, payload)
-end
-if #ARGV > 7 then
-  redis.call('XADD', dead, '*', unpack(ARGV, 8))
-end
+if store then redis.call('SET', result, payload, 'EX', ttl) end
+if #ARGV > 9 then redis.call('XADD', dead, '*', unpack(ARGV, 10)) end
+if publish then redis.call('PUBLISH', channel, payload) end
 if owner then
   redis.call('XACK', jobs, group, id)
   redis.call('XDEL', jobs, id)
 end
-if store or payload == '' then return 'finished' end
+if publish or payload == '' then return 'finished' end
 return 'superseded'
 """
 
@@ -105,6 +110,8 @@ class Outcome:
     attempt: int
     message: Terminal | bytes | None
     dead: DeadLetter | None = None
+    tenant_id: str | None = None
+    store: bool = True  # False: publish only (the id's stored outcome belongs to another tenant)
 
     def payload(self, chunks_sent: int) -> bytes:
         message = self.message
@@ -117,7 +124,8 @@ class Outcome:
     def script_args(self, channel: str, ttl_s: int, payload: bytes) -> list[EncodableT]:
         """ARGV of :data:`FINISH_SCRIPT`."""
         ack = self.ack
-        args: list[EncodableT] = [ack.group, ack.consumer, ack.entry_id, self.attempt, ttl_s, channel, payload]
+        args: list[EncodableT] = [ack.group, ack.consumer, ack.entry_id, self.attempt, ttl_s, channel,
+                                  self.tenant_id or "", "1" if self.store else "0", payload]
         if self.dead is not None:
             args += self.dead.flat()
         return args

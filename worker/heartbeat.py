@@ -34,7 +34,7 @@ class HeartbeatKeeper:
         self.interval_s = interval_s
         self.ttl_ms = max(1, int(3 * interval_s * 1000))
         self.snapshot = snapshot
-        self._task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
 
     async def beat(self) -> None:
         try:
@@ -47,14 +47,14 @@ class HeartbeatKeeper:
     async def start(self) -> None:
         """Announce the worker before it reads a job, then keep announcing it."""
         await self.beat()
-        self._task = asyncio.create_task(self._run(), name="heartbeat")
+        self.task = asyncio.create_task(self._run(), name="heartbeat")
 
     async def stop(self) -> None:
         """Stop beating and remove the key: whatever this worker left pending is free to reclaim."""
-        if self._task is not None:
-            self._task.cancel()
+        if self.task is not None:
+            self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await self.task
         try:
             await self.redis.delete(self.key)
         except (RedisError, OSError) as exc:
@@ -67,3 +67,5 @@ class HeartbeatKeeper:
                 await self.beat()
             except (*REDIS_DOWN, RedisError) as exc:
                 log.warning("heartbeat not written", reason=describe(exc))
+            except Exception:
+                log.exception("heartbeat failed; trying again next interval")

@@ -13,6 +13,7 @@ reported through ``on_lost``, and its runner stops without a word (CONTRACT.md Â
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -124,6 +125,11 @@ class Inbox:
                     continue
             except Stopped:
                 return
+            except Exception:  # a bug in one round must not end the worker's reading
+                log.exception("inbox round failed; going on")
+                batch = []
+                with contextlib.suppress(Stopped):
+                    await pause(self._backoff.next_delay(), self.stop)
             if batch:
                 yield batch
 

@@ -95,7 +95,7 @@ class Publisher:
         self._dirty: list[ReplyStream] = []
         self._unwritten: list[_Unwritten] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
         self._refused_since: float | None = None
         self._reported_at = 0.0
 
@@ -129,16 +129,16 @@ class Publisher:
         self._wake.set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="publisher")
+        self.task = asyncio.create_task(self._run(), name="publisher")
 
     async def close(self, timeout_s: float) -> None:
         """Send what is queued, then stop. If Redis stays away that long, give up: the entries of
         unwritten outcomes are still unacknowledged, so another worker answers them."""
-        if self._task is None:
+        if self.task is None:
             return
         loop = asyncio.get_running_loop()
         give_up = loop.time() + timeout_s
-        while (self._dirty or self._unwritten) and loop.time() < give_up and not self._task.done():
+        while (self._dirty or self._unwritten) and loop.time() < give_up and not self.task.done():
             self._wake.set()
             await asyncio.sleep(0.01)
         if self._unwritten:
@@ -147,9 +147,9 @@ class Publisher:
         for item in self._unwritten:
             if not item.done.done():
                 item.done.set_result(Finish.ABANDONED)
-        self._task.cancel()
+        self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+            await self.task
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -63,6 +63,7 @@ class Lookup:
 
     stored: bytes | None = None
     stored_attempt: int = 0
+    stored_tenant: str | None = None
     cancelled: bool = False
 
 
@@ -80,8 +81,11 @@ class Run:
     def cancelled(self) -> bool:
         return self.stop is Stop.CANCEL
 
+    private: bool = False  # the id's stored outcome is another tenant's: publish the refusal, store nothing
+
     def error(self, code: ErrorCode, message: str) -> Error:
-        return Error(request_id=self.job.request_id, attempt=self.reply.attempt, code=code, message=message)
+        return Error(request_id=self.job.request_id, attempt=self.reply.attempt, code=code, message=message,
+                     tenant_id=self.job.tenant_id)
 
 
 def now_ms() -> int:
@@ -148,7 +152,9 @@ class JobRunner:
             lookups.append(Lookup(cancelled=cancel is not None))
             if stored is not None:
                 try:
-                    lookups[-1].stored, lookups[-1].stored_attempt = stored, decode_reply(stored).attempt
+                    reply = decode_reply(stored)
+                    lookups[-1].stored, lookups[-1].stored_attempt = stored, reply.attempt
+                    lookups[-1].stored_tenant = getattr(reply, "tenant_id", None)
                 except InvalidMessage:
                     log.warning("stored outcome unreadable; running the job", request_id=runs[i].job.request_id)
         return lookups
@@ -174,10 +180,14 @@ class JobRunner:
             finally:
                 self._runs.pop(run.delivery.entry_id, None)
             attempt = lookup.stored_attempt if isinstance(message, bytes) else run.reply.attempt
-            outcome = Outcome(run.delivery.ack, job.request_id, attempt, message, run.dead)
+            outcome = Outcome(run.delivery.ack, job.request_id, attempt, message, run.dead, job.tenant_id, not run.private)
             await self._finish(run.delivery, outcome, run.reply)
 
     async def _outcome(self, run: Run, lookup: Lookup) -> Terminal | bytes:
+        if lookup.stored is not None and lookup.stored_tenant not in (None, run.job.tenant_id):
+            text = "invalid job: its request_id is already used by another tenant's job"
+            run.dead, run.private = self._dead_letter(run.delivery, ErrorCode.INVALID_JOB, text), True
+            return run.error(ErrorCode.INVALID_JOB, text)
         if lookup.stored is not None:
             log.info("outcome already stored; answering from the store", deliveries=run.delivery.deliveries)
             return lookup.stored
@@ -348,9 +358,10 @@ def answer_message(run: Run, c: Completion) -> Terminal:
         return Done(
             request_id=job.request_id, attempt=attempt, content=c.content, tool_calls=c.tool_calls, usage=c.usage,
             model=job.model, provider_model=c.provider_model, finish_reason=c.finish_reason, cost_usd=c.cost_usd,
-            seq=0,  # the publisher sets seq to the chunks it sent
+            tenant_id=job.tenant_id, seq=0,  # the publisher sets seq to the chunks it sent
         )
     return Result(
         request_id=job.request_id, attempt=attempt, content=c.content, tool_calls=c.tool_calls, usage=c.usage,
         model=job.model, provider_model=c.provider_model, finish_reason=c.finish_reason, cost_usd=c.cost_usd,
+        tenant_id=job.tenant_id,
     )

@@ -40,6 +40,7 @@ class Worker:
         self.started_at_ms = now_ms()
         self.target = redis_target(settings)
         self._stopping = asyncio.Event()
+        self.failed = False  # a background task died: the process exits non-zero
         self.redis = connect(settings, max_connections=settings.concurrency + 16)
         self.reader = connect(settings, reader=True)
         self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s, settings.chunk_window_ms / 1000)
@@ -80,6 +81,8 @@ class Worker:
             return
         await self.publisher.start()
         await self.cancels.start()
+        for task in self._background():
+            task.add_done_callback(self._on_background_end)
         log.info("worker ready", consumer=self.consumer, groups=sorted(self.router.groups))
         if ready is not None:
             await ready()
@@ -89,6 +92,18 @@ class Worker:
             await self.runner.drain(self.settings.shutdown_grace_s)
         finally:
             await self._say_goodbye()
+
+    def _background(self) -> list[asyncio.Task[None]]:
+        return [t for t in (self.publisher.task, self.heartbeat.task, self.cancels.task) if t is not None]
+
+    def _on_background_end(self, task: asyncio.Task[None]) -> None:
+        """Each background loop survives its own failures; one that ends all the same takes the
+        worker down, so that a supervisor restarts it, rather than leave it half alive."""
+        if task.cancelled() or self._stopping.is_set():
+            return
+        self.failed = True
+        log.critical("a background task ended; stopping the worker", task=task.get_name(), exc_info=task.exception())
+        self.abort()
 
     async def _say_goodbye(self) -> None:
         self.runner.abort()

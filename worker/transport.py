@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import httpx
 import msgspec
 
+from worker.assembly import token_count
 from worker.lean import Dialect, LineReader, ProviderFault, dialect_of
 from worker.settings import Settings
 
@@ -156,6 +157,63 @@ class _Bounded(httpx.AsyncByteStream):
         await self.raw.aclose()
 
 
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens")
+
+
+def sane_usage(payload: bytes) -> bytes:
+    """The JSON payload with its usage counts zeroed if any is not believable (negative, a string,
+    absurd): litellm's Router fails on a negative count, and the worker then estimates the usage
+    and marks it so, instead of passing garbage to a ledger."""
+    if b'"usage"' not in payload:
+        return payload
+    try:
+        data = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return payload
+    fixed = [_zero_bad_counts(u) for u in _usages(data)]
+    return msgspec.json.encode(data) if any(fixed) else payload
+
+
+def _usages(data: object) -> list[dict[str, object]]:
+    """Usage objects where OpenAI and Anthropic put them: at the top, or in ``message``."""
+    found = []
+    for holder in (data, data.get("message") if isinstance(data, dict) else None):
+        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+            found.append(holder["usage"])
+    return found
+
+
+def _zero_bad_counts(usage: dict[str, object]) -> bool:
+    if all(token_count(usage[k]) is not None for k in _COUNTS if k in usage):
+        return False
+    for key in _COUNTS:
+        if key in usage:
+            usage[key] = 0
+    return True
+
+
+def _sane_lines(block: bytes) -> bytes:
+    """Complete event-stream lines, their usage made sane (see :func:`sane_usage`)."""
+    if b'"usage"' not in block:
+        return block
+    lines = block.split(b"\n")
+    return b"\n".join(b"data: " + sane_usage(line[5:].strip()) if line.startswith(b"data:") else line for line in lines)
+
+
+async def _sane_stream(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """An event stream for litellm: whole lines only, their usage made sane."""
+    pending = b""
+    async for data in source:
+        cut = data.rfind(b"\n")
+        if cut == -1:
+            pending += data
+            continue
+        yield _sane_lines(pending + data[: cut + 1])
+        pending = data[cut + 1 :]
+    if pending:
+        yield _sane_lines(pending)
+
+
 class _Replay(httpx.AsyncByteStream):
     """What was read of a body already, then the rest of it. Closing it closes the connection only
     if it owns it: a split head does not, the parked rest does."""
@@ -232,6 +290,10 @@ class ProviderTransport(httpx.AsyncBaseTransport):
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in (b"content-encoding", b"content-length")]
         if streaming and event_stream:
             return await self._stream(request, response, body, headers, record)
+        if content_type.startswith("application/json"):  # a whole answer: read it (within bounds) to check its usage
+            whole = sane_usage(b"".join([piece async for piece in body]))
+            await body.aclose()
+            return httpx.Response(200, headers=headers, content=whole, extensions=response.extensions, request=request)
         return httpx.Response(200, headers=headers, stream=body, extensions=response.extensions, request=request)
 
     @staticmethod
@@ -257,14 +319,15 @@ class ProviderTransport(httpx.AsyncBaseTransport):
         reader = aiter(body)
         head, rest, cut = await self._head(reader, dialect)
         if cut is None or not self.split or record is None:
-            return httpx.Response(200, headers=headers, stream=_Replay(head + rest, reader if cut is not None else None, body),
+            tail = _sane_stream(reader) if cut is not None else None
+            return httpx.Response(200, headers=headers, stream=_Replay(_sane_lines(head + rest), tail, body),
                                   extensions=response.extensions, request=request)
         if record.parked is not None:
             await record.parked.aclose()  # an earlier attempt of the same call, retried by the Router
         record.parked = TappedStream(rest, reader, response, dialect)
         record.split = True
         self.split_count += 1
-        return httpx.Response(200, headers=headers, stream=_Replay(head + dialect.synthetic_end, None, None),
+        return httpx.Response(200, headers=headers, stream=_Replay(_sane_lines(head) + dialect.synthetic_end, None, None),
                               extensions=response.extensions, request=request)
 
     async def _head(self, reader: AsyncIterator[bytes], dialect: Dialect) -> tuple[bytes, bytes, int | None]:
