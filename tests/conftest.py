@@ -134,6 +134,11 @@ def model_config(standin_url: str) -> dict[str, Any]:
             dep("restarts", "openai/gpt-4o-mini", 2),
             dep("stalls", "openai/stall-2", stream_timeout=1),
             dep("keyless", "openai/gpt-4o-mini", api_key="os.environ/LLM_POOL_TEST_UNSET_KEY"),
+            # a proxy answering 200 with an HTML page, in front of the first deployment only
+            dep("html-first", "openai/html", 1),
+            dep("html-first", "openai/gpt-4o-mini", 2),
+            dep("bad-key", "openai/fail-401"),
+            dep("limited", "openai/fail-429"),
         ],
         "router_settings": {
             "num_retries": 1,
@@ -160,7 +165,7 @@ async def router(config_path: Path) -> Any:
     from worker.router import ModelRouter
     from worker.transport import Limits
 
-    model_router = ModelRouter(load_model_config(config_path), limits=Limits(answer_chars=50_000))
+    model_router = ModelRouter(load_model_config(config_path), limits=Limits(answer_chars=200_000))
     await model_router.warm_up()
     return model_router
 

@@ -177,10 +177,22 @@ entry_values = st.one_of(
         optional={"params": st.dictionaries(st.text(max_size=12), st.integers()), "stream": st.booleans() | st.text(max_size=3)},
     ).map(lambda v: json.dumps(v).encode()),
 )
-entries = st.lists(st.dictionaries(st.sampled_from(["job", "other", ""]), entry_values, min_size=0, max_size=2), min_size=1, max_size=4)
+odd_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF, blacklist_categories=()), max_size=20)
+odd_values = st.one_of(
+    # nested deeper than the decoder allows, in a known field or an unknown one
+    st.tuples(st.integers(min_value=500, max_value=3000), st.sampled_from(["junk", "tools", "params"])).map(
+        lambda d: json.dumps({**VALID, "request_id": "deep-1"}).encode()[:-1] + f', "{d[1]}": '.encode() + b"[" * d[0] + b"]" * d[0] + b"}"
+    ),
+    # lone surrogates (as JSON escapes, or as raw bytes), a BOM, bytes that are not UTF-8
+    odd_text.map(lambda t: json.dumps({**VALID, "messages": [{"role": "user", "content": t}]}).encode()),
+    odd_text.map(lambda t: json.dumps({**VALID, "tenant_id": t}, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    odd_text.map(lambda t: b"\xef\xbb\xbf" + json.dumps({**VALID, "model": t}).encode()),
+)
+entries = st.lists(st.dictionaries(st.sampled_from(["job", "other", ""]), entry_values | odd_values, min_size=0, max_size=2),
+                   min_size=1, max_size=4)
 
 
-@hsettings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@hsettings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(batch=entries)
 async def test_no_input_crashes_or_stalls_the_worker(batch: list[dict[str, bytes]], client: LLMClient, worker: Any, redis: aioredis.Redis) -> None:
     for fields in batch:
