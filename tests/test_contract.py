@@ -92,11 +92,14 @@ def test_reply_fields_follow_section_2() -> None:
 
 
 def test_error_codes_and_dead_letters_follow_section_2() -> None:
-    rows = [r for r in table_rows(section(2)) if len(r) == 4 and r[2] in ("yes", "no")]
+    rows = [r for r in table_rows(section(2)) if len(r) == 4 and r[2] in ("yes", "no") and code_names(r[0])]
     page = {code_names(r[0])[0]: r[2] == "yes" for r in rows}
     assert {code.value for code in c.ErrorCode} == set(page)
     assert {code.value for code in c.DEAD_LETTER_CODES} == {k for k, dead in page.items() if dead}
     assert all(r[3] for r in rows), "every code says whether it is worth retrying"
+    failures = [r for r in table_rows(section(2)) if len(r) == 4 and r[2] in ("yes", "no") and not code_names(r[0])]
+    assert failures, "the table of what each failure becomes"
+    assert {name for r in failures for name in code_names(r[1])} <= {code.value for code in c.ErrorCode}
 
 
 def test_heartbeat_fields_follow_section_6() -> None:
