@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
@@ -23,6 +24,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from client.usage import UsageRow, read_usage
 from contracts import (
     Chunk,
     Done,
@@ -36,6 +38,8 @@ from contracts import (
     decode_reply,
     encode,
 )
+
+__all__ = ["JobFailed", "LLMClient", "ReplyTimeout", "UsageRow", "make_job"]
 
 QUIET_POLL_S = 1.0  # this long without a message on the channel: read the stored outcome
 
@@ -156,6 +160,13 @@ class LLMClient:
         pipe.set(self.keys.cancel_flag(request_id), 1, ex=ttl_s)
         pipe.publish(self.keys.cancel, request_id)
         await pipe.execute()
+
+    async def usage(
+        self, tenant_id: str | None = None, since: str | dt.date | None = None, until: str | dt.date | None = None
+    ) -> list[UsageRow]:
+        """The usage ledger (CONTRACT.md §8): one row per tenant, UTC day and model group, for
+        ``since`` ≤ day ≤ ``until``; counted by the workers as each reply is stored, once."""
+        return await read_usage(self.redis, self.keys, tenant_id, since, until)
 
     async def stored_outcome(self, request_id: str) -> Reply | None:
         raw = await self.redis.get(self.keys.result(request_id))

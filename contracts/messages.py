@@ -334,3 +334,15 @@ class Keys:
     def worker(self, consumer: str) -> str:
         return f"{self.prefix}:worker:{consumer}"
 
+    def usage(self, tenant_id: str, day: str) -> str:
+        """The usage ledger of one tenant for one UTC day (``YYYY-MM-DD``), a hash (§8)."""
+        return f"{self.prefix}:usage:{tenant_id}:{day}"
+
+
+# ---- §8 usage ledger ------------------------------------------------------------------------
+
+#: Between a model group and a counter in a ledger field: ``<group>|<counter>``.
+LEDGER_SEP: Final = "|"
+#: Counters of a ledger hash; errors count as ``error:<code>``, cost in billionths of a dollar.
+LEDGER_COUNTERS: Final = ("requests", "prompt_tokens", "completion_tokens", "estimated", "cost_nano_usd", "unpriced")
+

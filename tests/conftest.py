@@ -138,6 +138,8 @@ def model_config(standin_url: str) -> dict[str, Any]:
             dep("html-first", "openai/html", 1),
             dep("html-first", "openai/gpt-4o-mini", 2),
             dep("bad-key", "openai/fail-401"),
+            # prices that make the ledger's sums easy to check to the cent
+            dep("ledger", "openai/stand-in-ledger", input_cost_per_token=0.001, output_cost_per_token=0.002),
             dep("limited", "openai/fail-429"),
         ],
         "router_settings": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import signal
 import sys
@@ -47,6 +48,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ask.add_argument("--timeout", type=float, default=120.0)
     ask.add_argument("--redis-url", dest="redis_url")
     ask.add_argument("--prefix")
+    usage = commands.add_parser("usage", help="print the usage ledger: requests, tokens and cost per tenant")
+    usage.add_argument("--tenant", help="one tenant (default: all)")
+    usage.add_argument("--since", help="first UTC day, YYYY-MM-DD (inclusive)")
+    usage.add_argument("--until", help="last UTC day, YYYY-MM-DD (inclusive)")
+    usage.add_argument("--by", choices=("group", "day"), default="group", help="one row per tenant and group, or per tenant and day")
+    output = usage.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="JSON lines, one per row")
+    output.add_argument("--csv", action="store_true", help="CSV with a header")
+    usage.add_argument("--redis-url", dest="redis_url")
+    usage.add_argument("--prefix")
     return parser.parse_args(argv)
 
 
@@ -144,6 +155,44 @@ async def _print_stream(client: Any, args: argparse.Namespace, messages: list[di
     return 0
 
 
+USAGE_COLUMNS = ("tenant_id", "group", "day", "requests", "prompt_tokens", "completion_tokens", "estimated",
+                 "cost_usd", "unpriced", "errors")
+
+
+async def usage(settings: Settings, args: argparse.Namespace) -> int:
+    """The ledger summed per tenant and group (or day), as a table, JSON lines or CSV."""
+    from client import LLMClient, UsageRow
+    from client.usage import as_dict
+
+    async with LLMClient.from_url(settings.redis_url.get_secret_value(), prefix=settings.prefix) as client:
+        rows = await client.usage(args.tenant, args.since, args.until)
+    sums: dict[tuple[str, str], UsageRow] = {}
+    for row in rows:
+        key = (row.tenant_id, row.group if args.by == "group" else row.day)
+        total = sums.setdefault(key, UsageRow(row.tenant_id, row.day if args.by == "day" else "", row.group if args.by == "group" else ""))
+        total.add(row)
+    columns = [c for c in USAGE_COLUMNS if c != ("day" if args.by == "group" else "group")]
+    lines = [{c: as_dict(r)[c] for c in columns} for _, r in sorted(sums.items())]
+    print_rows(lines, columns, "json" if args.json else "csv" if args.csv else "table")
+    return 0
+
+
+def print_rows(lines: list[dict[str, Any]], columns: list[str], form: str) -> None:
+    if form == "json":
+        for line in lines:
+            print(json.dumps(line))
+        return
+    cells = [[json.dumps(v, separators=(",", ":")) if isinstance(v, dict) else str(v) for v in line.values()] for line in lines]
+    if form == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(cells)
+        return
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    for row in [columns, *cells]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
 def profiled(settings: Settings, path: Path) -> None:
     """Run the worker under pyinstrument (a dev dependency) and write where its CPU time went."""
     from pyinstrument import Profiler
@@ -167,4 +216,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             profiled(settings, settings.profile)
         sys.exit(0)
-    sys.exit(uvloop.run(ask(settings, args)))
+    sys.exit(uvloop.run(ask(settings, args) if args.command == "ask" else usage(settings, args)))

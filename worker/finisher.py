@@ -25,16 +25,19 @@ from redis.typing import EncodableT
 
 from contracts import Done, Terminal, encode
 from worker.inbox import Ack
+from worker.ledger import LedgerEntry
 
-# KEYS: jobs stream, result key, dead-letter stream.
+# KEYS: jobs stream, result key, dead-letter stream, usage ledger ('' for none).
 # ARGV: group, consumer, entry id, attempt, ttl, reply channel, tenant, store ('1' or '0'), payload
-# ('' for none), then the dead letter's field/value pairs (none: no dead letter).
+# ('' for none), ledger ttl, N, N ledger field/increment values, then the dead letter's field/value
+# pairs (none: no dead letter).
 # The writes Redis may refuse for lack of memory (SET, XADD) come before every other write.
 FINISH_SCRIPT = """
-local jobs, result, dead = KEYS[1], KEYS[2], KEYS[3]
+local jobs, result, dead, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, me, id = ARGV[1], ARGV[2], ARGV[3]
 local attempt, ttl, channel, tenant = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
 local payload = ARGV[9]
+local counted = 12 + tonumber(ARGV[11])
 
 local owner = false
 local pending = redis.pcall('XPENDING', jobs, group, id, id, 1)
@@ -60,8 +63,14 @@ if store then
     end
   end
 end
-if store then redis.call('SET', result, payload, 'EX', ttl) end
-if #ARGV > 9 then redis.call('XADD', dead, '*', unpack(ARGV, 10)) end
+if store then
+  redis.call('SET', result, payload, 'EX', ttl)
+  if ledger ~= '' then  -- counted with the stored outcome, so never twice and never lost
+    for i = 12, counted - 1, 2 do redis.call('HINCRBY', ledger, ARGV[i], ARGV[i + 1]) end
+    redis.call('EXPIRE', ledger, ARGV[10])
+  end
+end
+if #ARGV >= counted then redis.call('XADD', dead, '*', unpack(ARGV, counted)) end
 if publish then redis.call('PUBLISH', channel, payload) end
 if owner then
   redis.call('XACK', jobs, group, id)
@@ -112,6 +121,7 @@ class Outcome:
     dead: DeadLetter | None = None
     tenant_id: str | None = None
     store: bool = True  # False: publish only (the id's stored outcome belongs to another tenant)
+    ledger: LedgerEntry | None = None  # what the job adds to its tenant's usage, once stored
 
     def payload(self, chunks_sent: int) -> bytes:
         message = self.message
@@ -124,8 +134,10 @@ class Outcome:
     def script_args(self, channel: str, ttl_s: int, payload: bytes) -> list[EncodableT]:
         """ARGV of :data:`FINISH_SCRIPT`."""
         ack = self.ack
+        ledger = self.ledger.flat() if self.ledger is not None else []
         args: list[EncodableT] = [ack.group, ack.consumer, ack.entry_id, self.attempt, ttl_s, channel,
-                                  self.tenant_id or "", "1" if self.store else "0", payload]
+                                  self.tenant_id or "", "1" if self.store else "0", payload,
+                                  self.ledger.ttl_s if self.ledger is not None else 0, len(ledger), *ledger]
         if self.dead is not None:
             args += self.dead.flat()
         return args

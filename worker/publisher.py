@@ -210,7 +210,8 @@ class Publisher:
         result_key = self.keys.result(outcome.request_id) if outcome.request_id else self.keys.dead
         channel = self.keys.reply(outcome.request_id) if outcome.request_id else ""
         args = outcome.script_args(channel, self.result_ttl_s, item.payload)
-        pipe.evalsha(self._script.sha, 3, outcome.ack.stream, result_key, self.keys.dead, *args)
+        ledger = outcome.ledger.key if outcome.ledger is not None else ""
+        pipe.evalsha(self._script.sha, 4, outcome.ack.stream, result_key, self.keys.dead, ledger, *args)
         return len(pipe.command_stack) - 1
 
     async def _settle(self, item: _Unwritten, result: Any) -> None:

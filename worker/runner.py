@@ -36,6 +36,7 @@ from worker.assembly import Completion
 from worker.backoff import REDIS_DOWN, Stopped, until_redis
 from worker.finisher import DeadLetter, Finish, Outcome
 from worker.inbox import Delivery, Owner
+from worker.ledger import LedgerEntry, ledger_entry
 from worker.publisher import Publisher, ReplyStream
 from worker.router import ModelRouter, RouteError
 from worker.settings import Settings
@@ -180,8 +181,15 @@ class JobRunner:
             finally:
                 self._runs.pop(run.delivery.entry_id, None)
             attempt = lookup.stored_attempt if isinstance(message, bytes) else run.reply.attempt
-            outcome = Outcome(run.delivery.ack, job.request_id, attempt, message, run.dead, job.tenant_id, not run.private)
+            outcome = Outcome(run.delivery.ack, job.request_id, attempt, message, run.dead, job.tenant_id, not run.private,
+                              self._ledger(job, message) if not run.private else None)
             await self._finish(run.delivery, outcome, run.reply)
+
+    def _ledger(self, job: Job, message: Terminal | bytes) -> LedgerEntry | None:
+        """A stored outcome sent again was counted when it was stored."""
+        if isinstance(message, bytes):
+            return None
+        return ledger_entry(self.publisher.keys, job.tenant_id, job.model, message, self.settings.usage_retention_days)
 
     async def _outcome(self, run: Run, lookup: Lookup) -> Terminal | bytes:
         if lookup.stored is not None and lookup.stored_tenant not in (None, run.job.tenant_id):

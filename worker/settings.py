@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="longest line of a provider's event stream; longer fails the deployment"
     )
+    usage_retention_days: int = Field(
+        default=400, ge=1, description="how long a day of a tenant's usage ledger is kept in Redis"
+    )
     stream_restarts: int = Field(
         default=1, ge=0, description="times a stream that broke after chunks starts again as a new attempt"
     )
