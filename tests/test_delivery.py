@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from client import JobFailed, LLMClient
 from contracts import Chunk, Done, Error, ErrorCode, Job, Result, Usage, decode_reply, encode
 from tests.conftest import RunningWorker, StandIn
-from tests.helpers import Listener, ghost_takes, marker, user
+from tests.helpers import Listener, ghost_takes, marker, user, wait_until
 
 # ---- recovery -----------------------------------------------------------------------------
 
@@ -149,7 +150,22 @@ async def test_oversized_job_is_refused_unread(client: LLMClient, worker: Any, r
         [error] = await listener.until(lambda r: len(r) == 1)
     assert error.code == ErrorCode.INVALID_JOB and "over the limit" in error.message
     [(_, dead)] = await redis.xrange(client.keys.dead)
-    assert len(dead[b"job"]) == len(raw)
+    assert dead[b"job"] == raw[:4096], "only its first bytes are kept ..."
+    assert int(dead[b"job_bytes"]) == len(raw) and dead[b"job_sha256"] == hashlib.sha256(raw).hexdigest().encode()
+    assert dead[b"job_truncated"] == b"1"
+
+
+async def test_the_dead_letter_stream_is_bounded(settings: Any, router: Any, client: LLMClient, redis: aioredis.Redis) -> None:
+    async with RunningWorker(settings.model_copy(update={"dead_max_len": 5}), router):
+        for i in range(12):
+            await redis.xadd(client.keys.jobs, {"job": f"not json {i}".encode()})
+        await wait_until(lambda: _all_acked(redis, client), 10, "every entry answered")
+    dead = await redis.xrange(client.keys.dead)
+    assert [fields[b"job"] for _, fields in dead] == [f"not json {i}".encode() for i in range(7, 12)], "the newest five"
+
+
+async def _all_acked(redis: aioredis.Redis, client: LLMClient) -> bool:
+    return int(await redis.xlen(client.keys.jobs)) == 0
 
 
 async def test_entry_without_a_job_field_is_dead_lettered(client: LLMClient, worker: Any, redis: aioredis.Redis) -> None:

@@ -17,6 +17,7 @@ One Lua script does all of it, so Redis takes all of it or none of it (CONTRACT.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -29,8 +30,8 @@ from worker.ledger import LedgerEntry
 
 # KEYS: jobs stream, result key, dead-letter stream, usage ledger ('' for none).
 # ARGV: group, consumer, entry id, attempt, ttl, reply channel, tenant, store ('1' or '0'), payload
-# ('' for none), ledger ttl, N, N ledger field/increment values, then the dead letter's field/value
-# pairs (none: no dead letter).
+# ('' for none), ledger ttl, N, N ledger field/increment values, then (only with a dead letter) the
+# dead-letter stream's MAXLEN and MINID, and the dead letter's field/value pairs.
 # The writes Redis may refuse for lack of memory (SET, XADD) come before every other write.
 FINISH_SCRIPT = """
 local jobs, result, dead, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -70,7 +71,10 @@ if store then
     redis.call('EXPIRE', ledger, ARGV[10])
   end
 end
-if #ARGV >= counted then redis.call('XADD', dead, '*', unpack(ARGV, counted)) end
+if #ARGV > counted + 1 then  -- the dead-letter stream is bounded by count and by age
+  redis.call('XADD', dead, 'MAXLEN', ARGV[counted], '*', unpack(ARGV, counted + 2))
+  redis.call('XTRIM', dead, 'MINID', ARGV[counted + 1])
+end
 if publish then redis.call('PUBLISH', channel, payload) end
 if owner then
   redis.call('XACK', jobs, group, id)
@@ -91,20 +95,30 @@ class Finish(StrEnum):
     ABANDONED = "abandoned"  # the worker stopped before Redis took it: the entry stays pending
 
 
+DEAD_HEAD_BYTES = 4096  # what is kept of a job over the size limit, with its size and hash
+
+
 @dataclass(slots=True)
 class DeadLetter:
-    """An entry of ``{p}:jobs:dead`` (CONTRACT.md §4); Redis stores every field as a string."""
+    """An entry of ``{p}:jobs:dead`` (CONTRACT.md §4); Redis stores every field as a string.
+
+    A job over the size limit is not kept whole: its first bytes, its size and its SHA-256 are,
+    so that one flood of oversized jobs cannot fill Redis with copies."""
 
     job: bytes | None
     code: str
     message: str
     attempts: int
     consumer: str
+    max_job_bytes: int = 1024 * 1024
 
     def flat(self) -> list[EncodableT]:
         fields: list[EncodableT] = ["code", self.code, "message", self.message, "attempts", self.attempts,
                                     "consumer", self.consumer, "failed_at_ms", int(time.time() * 1000)]
-        if self.job is not None:
+        if self.job is not None and len(self.job) > self.max_job_bytes:
+            fields += ["job", self.job[:DEAD_HEAD_BYTES], "job_bytes", len(self.job),
+                       "job_sha256", hashlib.sha256(self.job).hexdigest(), "job_truncated", 1]
+        elif self.job is not None:
             fields += ["job", self.job]
         return fields
 
@@ -131,13 +145,14 @@ class Outcome:
             message.seq = chunks_sent  # done.seq counts the chunks of its attempt, known only now
         return encode(message)
 
-    def script_args(self, channel: str, ttl_s: int, payload: bytes) -> list[EncodableT]:
-        """ARGV of :data:`FINISH_SCRIPT`."""
+    def script_args(self, channel: str, ttl_s: int, payload: bytes, dead_bounds: tuple[int, int]) -> list[EncodableT]:
+        """ARGV of :data:`FINISH_SCRIPT`; ``dead_bounds``: the dead letters kept at most, and for how many seconds."""
         ack = self.ack
         ledger = self.ledger.flat() if self.ledger is not None else []
         args: list[EncodableT] = [ack.group, ack.consumer, ack.entry_id, self.attempt, ttl_s, channel,
                                   self.tenant_id or "", "1" if self.store else "0", payload,
                                   self.ledger.ttl_s if self.ledger is not None else 0, len(ledger), *ledger]
         if self.dead is not None:
-            args += self.dead.flat()
+            most, max_age_s = dead_bounds
+            args += [most, f"{int((time.time() - max_age_s) * 1000)}-0", *self.dead.flat()]
         return args

@@ -86,8 +86,12 @@ class _Unwritten:
 
 
 class Publisher:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, result_ttl_s: int, window_s: float = 0.0) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, result_ttl_s: int, window_s: float = 0.0,
+        dead_bounds: tuple[int, int] = (10_000, 30 * 86_400),
+    ) -> None:
         self.redis = redis
+        self.dead_bounds = dead_bounds
         self.keys = keys
         self.result_ttl_s = result_ttl_s
         self.window_s = window_s
@@ -209,7 +213,7 @@ class Publisher:
         outcome = item.outcome
         result_key = self.keys.result(outcome.request_id) if outcome.request_id else self.keys.dead
         channel = self.keys.reply(outcome.request_id) if outcome.request_id else ""
-        args = outcome.script_args(channel, self.result_ttl_s, item.payload)
+        args = outcome.script_args(channel, self.result_ttl_s, item.payload, self.dead_bounds)
         ledger = outcome.ledger.key if outcome.ledger is not None else ""
         pipe.evalsha(self._script.sha, 4, outcome.ack.stream, result_key, self.keys.dead, ledger, *args)
         return len(pipe.command_stack) - 1

@@ -44,6 +44,10 @@ from worker.settings import Settings
 log = structlog.get_logger(__name__)
 
 
+#: Failures the orchestrator caused, and can fix: logged at INFO. Every other failure is at WARNING.
+CALLER_CAUSED = frozenset({ErrorCode.UNKNOWN_MODEL, ErrorCode.BAD_REQUEST, ErrorCode.ANSWER_TOO_LARGE})
+
+
 class Stop(enum.Enum):
     """Why a running job was told to stop."""
 
@@ -223,7 +227,9 @@ class JobRunner:
             async with asyncio.timeout(limit_s):
                 completion = await self._call(run)
         except RouteError as exc:
-            log.info("job failed", code=exc.code, reason=exc.message)
+            # the operator's concern (providers, keys, limits) at WARNING, so that an alert on WARNING sees it
+            level = log.info if exc.code in CALLER_CAUSED else log.warning
+            level("job failed", code=exc.code, reason=exc.message, model=run.job.model)
             return run.error(exc.code, exc.message)
         except TimeoutError:
             if deadline_first:
@@ -286,7 +292,9 @@ class JobRunner:
         await self._finish(delivery, Outcome(delivery.ack, rid, attempt, error, dead), None)
 
     def _dead_letter(self, delivery: Delivery, code: ErrorCode, text: str) -> DeadLetter:
-        return DeadLetter(delivery.fields.get(b"job"), code, text, delivery.deliveries, self.consumer)
+        log.warning("job dead-lettered", entry_id=delivery.entry_id.decode(), code=code.value, attempts=delivery.deliveries,
+                    reason=text)
+        return DeadLetter(delivery.fields.get(b"job"), code, text, delivery.deliveries, self.consumer, self.settings.max_job_bytes)
 
     async def _finish(self, delivery: Delivery, outcome: Outcome, reply: ReplyStream | None) -> None:
         delivery.finishing = True

@@ -43,7 +43,8 @@ class Worker:
         self.failed = False  # a background task died: the process exits non-zero
         self.redis = connect(settings, max_connections=settings.concurrency + 16)
         self.reader = connect(settings, reader=True)
-        self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s, settings.chunk_window_ms / 1000)
+        self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s, settings.chunk_window_ms / 1000,
+                                   (settings.dead_max_len, int(settings.dead_max_age_days * 86_400)))
         self.runner = JobRunner(settings, router, self.publisher, self.redis, self.consumer, self._stopping, self.target)
         self.inbox = Inbox(self.redis, self.reader, self.keys, self.consumer, self._limits(), self._stopping, self.target)
         self.inbox.on_lost = self.runner.lose

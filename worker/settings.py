@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="longest line of a provider's event stream; longer fails the deployment"
     )
+    dead_max_len: int = Field(default=10_000, ge=1, description="dead letters kept at most (older ones are trimmed)")
+    dead_max_age_days: float = Field(default=30, gt=0, description="dead letters older than this are trimmed")
     usage_retention_days: int = Field(
         default=400, ge=1, description="how long a day of a tenant's usage ledger is kept in Redis"
     )
