@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import difflib
 import json
+import os
 import signal
 import sys
 import uuid
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import structlog
 import uvloop
 
@@ -48,6 +51,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ask.add_argument("--timeout", type=float, default=120.0)
     ask.add_argument("--redis-url", dest="redis_url")
     ask.add_argument("--prefix")
+    check = commands.add_parser("check-config", help="check a model config file as the worker would load it")
+    check.add_argument("file", type=Path)
     usage = commands.add_parser("usage", help="print the usage ledger: requests, tokens and cost per tenant")
     usage.add_argument("--tenant", help="one tenant (default: all)")
     usage.add_argument("--since", help="first UTC day, YYYY-MM-DD (inclusive)")
@@ -61,11 +66,30 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {
-        k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None
-    }
-    return Settings(**overrides)
+class UsageError(Exception):
+    """A configuration mistake: one line for the operator, never a traceback, never a secret."""
+
+
+def env_name(field: str) -> str:
+    return "REDIS_URL" if field == "redis_url" else f"LLM_WORKER_{field.upper()}"
+
+
+def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Settings:
+    """The settings, or :class:`UsageError` naming the variable (or flag) that is wrong. A value is
+    never repeated in the message: it may be a password."""
+    environ = dict(os.environ) if environ is None else environ
+    known = {env_name(f) for f in Settings.model_fields} | {"LLM_WORKER_REDIS_URL"}
+    for name in sorted(n for n in environ if n.startswith("LLM_WORKER_") and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        raise UsageError(f"unknown variable {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+    overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        return Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        where = f"{env_name(field)} (or --{field.replace('_', '-')}): " if field else ""
+        raise UsageError(where + first["msg"]) from None
 
 
 class Signals:
@@ -98,7 +122,8 @@ async def serve(settings: Settings) -> None:
     from worker.transport import limits_of
 
     signals = Signals()
-    router = ModelRouter(load_model_config(settings.config), lean_streams=settings.lean_streams, limits=limits_of(settings))
+    router = ModelRouter(load_model_config(settings.config, check=True), lean_streams=settings.lean_streams,
+                         limits=limits_of(settings))
     await router.warm_up()
     if signals.count:
         log.info("stopped during start-up")
@@ -208,12 +233,29 @@ def profiled(settings: Settings, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        sys.exit(run_command(args))
+    except UsageError as exc:
+        print(f"llm-worker: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from worker.model_config import ConfigError, check_model_config
+
+    if args.command == "check-config":
+        problems = check_model_config(args.file)
+        print("\n".join(problems) or f"{args.file}: ok")
+        return 1 if problems else 0
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
-    if args.command == "run":
+    if args.command != "run":
+        return int(uvloop.run(ask(settings, args) if args.command == "ask" else usage(settings, args)))
+    try:
         if settings.profile is None:
             uvloop.run(serve(settings))
         else:
             profiled(settings, settings.profile)
-        sys.exit(0)
-    sys.exit(uvloop.run(ask(settings, args) if args.command == "ask" else usage(settings, args)))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return 0

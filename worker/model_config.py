@@ -111,7 +111,14 @@ def parse_model_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = N
     return ModelConfig(tuple(deployments), settings, dict(raw.get("litellm_settings") or {}), tuple(left_out))
 
 
-def load_model_config(path: Path, env: Mapping[str, str] | None = None) -> ModelConfig:
+def load_model_config(path: Path, env: Mapping[str, str] | None = None, check: bool = False) -> ModelConfig:
+    """The config as the worker uses it; with ``check``, first refuse every problem that
+    :func:`check_model_config` finds, in one line."""
+    if check:
+        problems = check_model_config(path)
+        if problems:
+            more = f" (and {len(problems) - 1} more: llm-worker check-config {path})" if len(problems) > 1 else ""
+            raise ConfigError(problems[0] + more)
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -119,3 +126,90 @@ def load_model_config(path: Path, env: Mapping[str, str] | None = None) -> Model
     if not isinstance(raw, Mapping):
         raise ConfigError(f"model config {path} is not a mapping")
     return parse_model_config(raw, env)
+
+
+# ---- checking a config as the worker would load it ---------------------------------------------
+
+TOP_LEVEL = ("model_list", "router_settings", "litellm_settings", "general_settings", "environment_variables")
+FALLBACK_KEYS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
+
+
+def check_model_config(path: Path) -> list[str]:
+    """Every problem of the config file, each ``<file>:<line>: <what is wrong>; <what is allowed>``.
+    Keys that litellm would ignore in silence, or fail on with a traceback, are problems here."""
+    try:
+        text = path.read_text()
+        tree, raw = yaml.compose(text), yaml.safe_load(text)
+    except OSError as exc:
+        return [f"{path}: cannot read it ({exc.strerror})"]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        return [f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML ({getattr(exc, 'problem', exc)})"]
+    if not isinstance(raw, Mapping) or not isinstance(tree, yaml.MappingNode):
+        return [f"{path}:1: the file must be a mapping with `model_list` (and `router_settings`, `litellm_settings`)"]
+    at = _Lines(path, tree)
+    problems = [at.line(key) + f"unknown top-level key `{key}`{_did_you_mean(key, TOP_LEVEL)}; known: {', '.join(TOP_LEVEL)}"
+                for key in raw if key not in TOP_LEVEL]
+    try:
+        parse_model_config(raw, env={k: "set" for k in _env_refs(raw)})  # shape only: every variable counts as set
+    except ConfigError as exc:
+        problems.append(at.line("model_list") + str(exc))
+    problems += _router_problems(raw, at)
+    return problems
+
+
+def _router_problems(raw: Mapping[str, Any], at: _Lines) -> list[str]:
+    settings = raw.get("router_settings") or {}
+    if not isinstance(settings, Mapping):
+        return [at.line("router_settings") + "`router_settings` must be a mapping of litellm Router arguments"]
+    allowed = _router_arguments()
+    problems = [at.line("router_settings", key) + f"unknown router setting `{key}`{_did_you_mean(key, allowed)}"
+                for key in settings if key not in allowed]
+    groups = {e.get("model_name") for e in raw.get("model_list") or [] if isinstance(e, Mapping)}
+    for key in FALLBACK_KEYS:
+        for rule in settings.get(key) or []:
+            for source, targets in (rule.items() if isinstance(rule, Mapping) else []):
+                problems += [at.line("router_settings", key) + f"`{key}` from `{source}` to `{name}`, a group no deployment serves;"
+                             f" groups: {', '.join(sorted(map(str, groups)))}" for name in [source, *(targets or [])] if name not in groups]
+    return problems
+
+
+def _router_arguments() -> frozenset[str]:
+
+    from worker.router import router_arguments  # sets litellm up (a local price map) before importing it
+
+    return frozenset(router_arguments())
+
+
+def _env_refs(raw: Mapping[str, Any]) -> list[str]:
+    listed = raw.get("model_list")
+    entries: list[Any] = listed if isinstance(listed, list) else []
+    return [name for e in entries if isinstance(e, Mapping) and isinstance(e.get("litellm_params"), Mapping)
+            for name in missing_env(e["litellm_params"], {})]
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+class _Lines:
+    """Line numbers of keys in the YAML file, for messages."""
+
+    def __init__(self, path: Path, tree: yaml.MappingNode) -> None:
+        self.path = path
+        self.tree = tree
+
+    def line(self, *keys: str) -> str:
+        node: yaml.Node = self.tree
+        line = 1
+        for key in keys:
+            if not isinstance(node, yaml.MappingNode):
+                break
+            found = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]
+        return f"{self.path}:{line}: "

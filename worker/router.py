@@ -61,6 +61,13 @@ class Price:
         return usage.prompt_tokens * self.input_per_token + usage.completion_tokens * self.output_per_token
 
 
+def router_arguments() -> set[str]:
+    """The settings litellm's Router takes (`router_settings` of the YAML)."""
+    import inspect
+
+    return set(inspect.signature(Router.__init__).parameters) - {"self", "model_list"}
+
+
 def quiet_litellm() -> None:
     """Stop litellm printing on its own. Its records reach our handlers only when we log at DEBUG:
     each failed job is logged once by the worker, where litellm logs each failed attempt in many lines."""
