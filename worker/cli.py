@@ -51,6 +51,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ask.add_argument("--timeout", type=float, default=120.0)
     ask.add_argument("--redis-url", dest="redis_url")
     ask.add_argument("--prefix")
+    for name, text in (("health", "exit 0 if the worker's heartbeat is fresh and Redis answers (a liveness probe)"),
+                       ("ready", "health, and the model config loads with a deployment for every group (a readiness probe)")):
+        probe = commands.add_parser(name, help=text)
+        which = probe.add_mutually_exclusive_group()
+        which.add_argument("--consumer", help="the worker's consumer name")
+        which.add_argument("--pid", type=int, help="the worker's pid on this host (default: any worker on this host)")
+        probe.add_argument("--redis-url", dest="redis_url")
+        probe.add_argument("--prefix")
+    models = commands.add_parser("models", help="the model groups, their deployments in order, fallbacks, what is left out")
+    models.add_argument("--config", type=Path, help="model groups YAML (LLM_WORKER_CONFIG)")
     check = commands.add_parser("check-config", help="check a model config file as the worker would load it")
     check.add_argument("file", type=Path)
     usage = commands.add_parser("usage", help="print the usage ledger: requests, tokens and cost per tenant")
@@ -240,6 +250,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
 
 
+def probe(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.model_config import ConfigError, load_model_config
+    from worker.ops import Unhealthy, check_health, check_ready, describe_models
+
+    try:
+        if args.command == "models":
+            print("\n".join(describe_models(load_model_config(settings.config, check=True))))
+            return 0
+        lines = [uvloop.run(check_health(settings, args.consumer, args.pid))]
+        if args.command == "ready":
+            lines.append(check_ready(settings))
+    except (Unhealthy, ConfigError) as exc:
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 1
+    print("; ".join(lines))
+    return 0
+
+
 def run_command(args: argparse.Namespace) -> int:
     from worker.model_config import ConfigError, check_model_config
 
@@ -249,6 +277,8 @@ def run_command(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format)
+    if args.command in ("health", "ready", "models"):
+        return probe(settings, args)
     if args.command != "run":
         return int(uvloop.run(ask(settings, args) if args.command == "ask" else usage(settings, args)))
     try:

@@ -1,0 +1,63 @@
+"""The operator's probes and views, through the real command line against a real worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from contracts import Heartbeat, encode
+from tests.conftest import ROOT, worker_env
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).with_name("llm-worker"))
+
+
+def llm_worker(settings: Any, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], env=worker_env(settings, **env), cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+async def test_health_follows_the_workers_heartbeat(spawn_worker: Any, settings: Any, redis: aioredis.Redis) -> None:
+    process = spawn_worker()
+    await asyncio.to_thread(process.wait_ready)
+    consumer = next(line["consumer"] for line in process.log_lines() if line.get("event") == "worker ready")
+    for args in ((), ("--consumer", consumer), ("--pid", str(process.proc.pid))):
+        done = await asyncio.to_thread(llm_worker, settings, "health", *args)
+        assert done.returncode == 0 and consumer in done.stdout, done.stderr
+    assert await asyncio.to_thread(process.stop) == 0
+    gone = await asyncio.to_thread(llm_worker, settings, "health", "--consumer", consumer)
+    assert gone.returncode == 1 and gone.stderr.strip() == f"health: no heartbeat of consumer {consumer}"
+    stale = Heartbeat(consumer="stuck-1", host="h", pid=1, version="0", started_at_ms=0,
+                      heartbeat_at_ms=int(time.time() * 1000) - 60_000, in_flight=1, completed=0, failed=0)
+    await redis.set(f"{settings.prefix}:worker:stuck-1", encode(stale), ex=60)  # alive in Redis, silent for a minute
+    old = await asyncio.to_thread(llm_worker, settings, "health", "--consumer", "stuck-1")
+    assert old.returncode == 1 and "60." in old.stderr and "old" in old.stderr
+    away = await asyncio.to_thread(llm_worker, settings, "health", "--redis-url", "redis://127.0.0.1:1/0")
+    assert away.returncode == 1 and "does not answer" in away.stderr
+
+
+async def test_ready_needs_a_deployment_for_every_group(spawn_worker: Any, settings: Any) -> None:
+    process = spawn_worker()
+    await asyncio.to_thread(process.wait_ready)
+    missing = await asyncio.to_thread(llm_worker, settings, "ready")
+    assert missing.returncode == 1 and "keyless" in missing.stderr.splitlines()[-1], "its only deployment lacks a key"
+    ready = await asyncio.to_thread(llm_worker, settings, "ready", LLM_POOL_TEST_UNSET_KEY="sk-set-now")
+    assert ready.returncode == 0 and "keyless" in ready.stdout
+    assert await asyncio.to_thread(process.stop) == 0
+
+
+def test_models_lists_groups_in_order_and_never_a_key(settings: Any) -> None:
+    done = llm_worker(settings, "models")
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert "fast: ollama_chat/fail-503 → openai/gpt-4o-mini" in lines
+    assert "fallback: quality → fast" in lines
+    assert "left out (API key variable unset): keyless:openai/gpt-4o-mini" in lines
+    assert "sk-test" not in done.stdout + done.stderr

@@ -1,0 +1,81 @@
+"""The operator's commands: is a worker alive (``health``), can it serve (``ready``), what does it
+serve (``models``). Each answers in one line on failure and exits non-zero, for probes."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import redis.asyncio as aioredis
+
+from contracts import Heartbeat, InvalidMessage, Keys, decode_heartbeat
+from worker.backoff import REDIS_DOWN, describe
+from worker.connections import redis_target
+from worker.model_config import ModelConfig, load_model_config
+from worker.settings import Settings
+
+
+class Unhealthy(Exception):
+    """One line: why the probe fails."""
+
+
+async def heartbeats(redis: aioredis.Redis, keys: Keys) -> list[Heartbeat]:
+    beats = []
+    async for key in redis.scan_iter(match=keys.worker("*"), count=1000):
+        raw = await redis.get(key)
+        if raw is not None:
+            try:
+                beats.append(decode_heartbeat(raw))
+            except InvalidMessage:
+                continue
+    return beats
+
+
+async def check_health(settings: Settings, consumer: str | None, pid: int | None) -> str:
+    """The worker named (or, by default, every worker of this host): its heartbeat is fresh and Redis answers."""
+    redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3)
+    try:
+        beats = await heartbeats(redis, Keys(settings.prefix))
+    except REDIS_DOWN as exc:
+        raise Unhealthy(f"redis at {redis_target(settings)} does not answer ({describe(exc)})") from None
+    finally:
+        await redis.aclose()
+    host = socket.gethostname()
+    mine = [b for b in beats if _is_the_one(b, consumer, pid, host)]
+    if not mine:
+        who = f"consumer {consumer}" if consumer else f"pid {pid} on {host}" if pid else f"any worker on {host}"
+        raise Unhealthy(f"no heartbeat of {who}")
+    stale_ms = 3 * settings.heartbeat_s * 1000
+    now = time.time() * 1000
+    fresh = [b for b in mine if now - b.heartbeat_at_ms <= stale_ms]
+    if not fresh:
+        age = min(now - b.heartbeat_at_ms for b in mine) / 1000
+        raise Unhealthy(f"heartbeat {age:.1f} s old (fresh is under {stale_ms / 1000:g} s): the worker is stuck or Redis refuses its writes")
+    return f"ok: {', '.join(f'{b.consumer} ({b.in_flight} in flight)' for b in fresh)}"
+
+
+def _is_the_one(beat: Heartbeat, consumer: str | None, pid: int | None, host: str) -> bool:
+    if consumer:
+        return beat.consumer == consumer
+    return beat.host == host and (pid is None or beat.pid == pid)
+
+
+def check_ready(settings: Settings) -> str:
+    """The model config loads as the worker would load it, and every group it names has a deployment."""
+    config = load_model_config(settings.config, check=True)
+    empty = sorted({entry.split(":", 1)[0] for entry in config.left_out} - config.groups)
+    if empty:
+        raise Unhealthy(f"no usable deployment for group(s) {', '.join(empty)}: their API key variables are unset")
+    return f"ok: groups {', '.join(sorted(config.groups))}"
+
+
+def describe_models(config: ModelConfig) -> list[str]:
+    """The groups, their deployments in order, fallbacks, and what was left out. Never a key."""
+    lines = []
+    for group in sorted(config.groups):
+        deployments = sorted((d for d in config.deployments if d.group == group), key=lambda d: d.params.get("order", 0))
+        lines.append(f"{group}: " + " → ".join(d.model for d in deployments))
+    for rule in config.router_settings.get("fallbacks") or []:
+        lines += [f"fallback: {source} → {', '.join(targets)}" for source, targets in rule.items()]
+    lines += [f"left out (API key variable unset): {entry}" for entry in config.left_out]
+    return lines
