@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -12,8 +13,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from contracts import Heartbeat, encode
+from contracts import Heartbeat, Job, Result, encode
 from tests.conftest import ROOT, worker_env
+from tests.helpers import ghost_takes, marker, user, wait_until
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).with_name("llm-worker"))
@@ -61,3 +63,41 @@ def test_models_lists_groups_in_order_and_never_a_key(settings: Any) -> None:
     assert "fallback: quality → fast" in lines
     assert "left out (API key variable unset): keyless:openai/gpt-4o-mini" in lines
     assert "sk-test" not in done.stdout + done.stderr
+
+
+async def test_dead_letters_are_listed_replayed_for_real_and_purged(
+    spawn_worker: Any, settings: Any, client: Any, redis: aioredis.Redis, standin: Any
+) -> None:
+    mark = marker()
+    job = Job(request_id="dead-" + mark, tenant_id="t", model="openai", messages=user(f"{mark} replayed"))
+    entry_id = await ghost_takes(redis, client, job)
+    for ghost in ("ghost-2-dead", "ghost-3-dead"):  # two more deliveries to workers that died
+        await redis.xclaim(client.keys.jobs, client.keys.group, ghost, 0, [entry_id])
+    await redis.xadd(client.keys.jobs, {"job": b"not json"})
+    process = spawn_worker()
+    await asyncio.to_thread(process.wait_ready)
+    await wait_until(lambda: _dead_count(redis, client, 2), 15, "two dead letters")
+    listed = [json.loads(line) for line in (await asyncio.to_thread(llm_worker, settings, "dead", "list", "--json")).stdout.splitlines()]
+    assert sorted(row["code"] for row in listed) == ["invalid_job", "too_many_attempts"]
+    [tired] = [row for row in listed if row["code"] == "too_many_attempts"]
+    assert tired["request_id"] == job.request_id
+    shown = await asyncio.to_thread(llm_worker, settings, "dead", "show", tired["id"])
+    assert "code: too_many_attempts" in shown.stdout and f"{mark} replayed" in shown.stdout
+    replayed = await asyncio.to_thread(llm_worker, settings, "dead", "replay", tired["id"])
+    assert replayed.returncode == 0 and "replayed" in replayed.stdout
+    await wait_until(lambda: _answered(client, job.request_id), 15, "the replayed job's answer")
+    assert len(standin.calls_with(mark)) == 1, "the replay reached the model, not the old stored error"
+    [invalid] = [row for row in listed if row["code"] == "invalid_job"]
+    refused = await asyncio.to_thread(llm_worker, settings, "dead", "replay", invalid["id"])
+    assert refused.returncode == 1 and "not JSON" in refused.stderr
+    purged = await asyncio.to_thread(llm_worker, settings, "dead", "purge")
+    assert purged.stdout.strip() == "purged 1 dead letters" and await redis.xlen(client.keys.dead) == 0
+    assert await asyncio.to_thread(process.stop) == 0
+
+
+async def _dead_count(redis: aioredis.Redis, client: Any, n: int) -> bool:
+    return int(await redis.xlen(client.keys.dead)) >= n
+
+
+async def _answered(client: Any, request_id: str) -> bool:
+    return isinstance(await client.stored_outcome(request_id), Result)

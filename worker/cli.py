@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
+import redis.asyncio as aioredis
 import structlog
 import uvloop
 
@@ -61,6 +62,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         probe.add_argument("--prefix")
     models = commands.add_parser("models", help="the model groups, their deployments in order, fallbacks, what is left out")
     models.add_argument("--config", type=Path, help="model groups YAML (LLM_WORKER_CONFIG)")
+    add_dead_commands(commands)
     check = commands.add_parser("check-config", help="check a model config file as the worker would load it")
     check.add_argument("file", type=Path)
     usage = commands.add_parser("usage", help="print the usage ledger: requests, tokens and cost per tenant")
@@ -74,6 +76,73 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     usage.add_argument("--redis-url", dest="redis_url")
     usage.add_argument("--prefix")
     return parser.parse_args(argv)
+
+
+def add_dead_commands(commands: Any) -> None:
+    dead = commands.add_parser("dead", help="the dead-letter stream: list, show, replay, purge")
+    verbs = dead.add_subparsers(dest="dead_command", required=True)
+    listing = verbs.add_parser("list", help="the newest dead letters first")
+    listing.add_argument("--code", help="only this error code")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--json", action="store_true", help="JSON lines")
+    verbs.add_parser("show", help="one dead letter, every field").add_argument("id")
+    replay = verbs.add_parser("replay", help="run jobs again from scratch (their stored outcome is removed)")
+    replay.add_argument("ids", nargs="*", help="dead-letter entry ids")
+    replay.add_argument("--all", action="store_true", help="every dead letter (with --code: of that code)")
+    replay.add_argument("--code")
+    purge = verbs.add_parser("purge", help="remove dead letters")
+    purge.add_argument("--older-than", dest="older_than", type=float, metavar="DAYS", help="only those older (default: all)")
+    for verb in (listing, replay, purge, verbs.choices["show"]):
+        verb.add_argument("--redis-url", dest="redis_url")
+        verb.add_argument("--prefix")
+
+
+async def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from contracts import Keys
+    from worker import deadletters
+
+    keys = Keys(settings.prefix)
+    redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        if args.dead_command == "list":
+            entries = await deadletters.list_dead(redis, keys, args.code, args.limit)
+            lines = [entry.summary() for entry in entries]
+            print_rows(lines, list(lines[0]) if lines else ["id"], "json" if args.json else "table")
+        elif args.dead_command == "show":
+            entry = await deadletters.show_dead(redis, keys, args.id)
+            if entry is None:
+                raise UsageError(f"no dead letter {args.id}")
+            for name, value in entry.fields.items():
+                print(f"{name}: {value.decode(errors='replace')}")
+        elif args.dead_command == "replay":
+            return await replay_dead(redis, keys, settings, args)
+        else:
+            print(f"purged {await deadletters.purge(redis, keys, args.older_than)} dead letters")
+    finally:
+        await redis.aclose()
+    return 0
+
+
+async def replay_dead(redis: aioredis.Redis, keys: Any, settings: Settings, args: argparse.Namespace) -> int:
+    from contracts import InvalidJob
+    from worker import deadletters
+
+    if args.all:
+        entries = await deadletters.list_dead(redis, keys, args.code, limit=1_000_000)
+    else:
+        found = [await deadletters.show_dead(redis, keys, entry_id) for entry_id in args.ids]
+        entries = [e for e in found if e is not None]
+        if len(entries) < len(args.ids):
+            raise UsageError("no such dead letter: " + ", ".join(set(args.ids) - {e.id for e in entries}))
+    refused = 0
+    for entry in entries:
+        try:
+            new_id = await deadletters.replay(redis, keys, entry, settings.max_job_bytes)
+            print(f"replayed {entry.id} (request {entry.request_id}) as {new_id}")
+        except InvalidJob as exc:
+            refused += 1
+            print(f"refused {entry.id}: {exc.reason}", file=sys.stderr)
+    return 1 if refused else 0
 
 
 class UsageError(Exception):
@@ -279,6 +348,8 @@ def run_command(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command in ("health", "ready", "models"):
         return probe(settings, args)
+    if args.command == "dead":
+        return int(uvloop.run(dead_letters(settings, args)))
     if args.command != "run":
         return int(uvloop.run(ask(settings, args) if args.command == "ask" else usage(settings, args)))
     try:
