@@ -96,6 +96,8 @@ class Inbox:
         self.reclaimer = Reclaimer(redis, keys, consumer, limits.stale_after_s)
         self.on_lost: Callable[[list[Delivery]], None] = lambda lost: None
         self.may_take: Callable[[], bool] = lambda: True  # False while Redis refuses to store outcomes
+        self.on_redis_error: Callable[[str], None] = lambda during: None
+        self.on_reclaimed: Callable[[int], None] = lambda count: None
         self._held: dict[bytes, Delivery] = {}
         self._room = asyncio.Event()
         self._check_now = True  # a read failed: it may have delivered entries that never reached us
@@ -164,6 +166,8 @@ class Inbox:
         except REDIS_DOWN as exc:
             await self._redis_down("recovery round", exc)
             return []
+        if claimed:
+            self.on_reclaimed(len(claimed))
         return orphans + [self._hand_out(entry_id, fields, earlier + 1) for entry_id, fields, earlier in claimed]
 
     async def _check_own(self) -> list[Delivery]:
@@ -236,6 +240,7 @@ class Inbox:
     # ---- faults --------------------------------------------------------------------------------
 
     async def _redis_down(self, during: str, exc: BaseException) -> None:
+        self.on_redis_error(during)
         delay = self._backoff.next_delay()
         log.warning("redis unavailable, retrying", during=during, redis=self.target, reason=describe(exc),
                     retry_in_s=round(delay, 2))

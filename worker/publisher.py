@@ -102,6 +102,7 @@ class Publisher:
         self.task: asyncio.Task[None] | None = None
         self._refused_since: float | None = None
         self._reported_at = 0.0
+        self.on_redis_error: Callable[[str], None] = lambda during: None
 
     # ---- what the runner uses -----------------------------------------------------------------
 
@@ -194,6 +195,7 @@ class Publisher:
         try:
             results = await pipe.execute(raise_on_error=False)
         except REDIS_DOWN as exc:
+            self.on_redis_error("publish")
             now = asyncio.get_running_loop().time()
             if due:
                 log.warning("redis unavailable; outcomes not yet written", count=len(due), reason=describe(exc))
@@ -233,6 +235,7 @@ class Publisher:
                 item.done.set_result(Finish(result.decode() if isinstance(result, bytes) else str(result)))
 
     def _refused(self, item: _Unwritten, exc: Exception, now: float) -> None:
+        self.on_redis_error("store outcome")
         if item.refused_at is None:
             item.refused_at = now
             log.error("redis refused to store an outcome; the job stays pending and is retried",

@@ -37,8 +37,9 @@ from worker.backoff import REDIS_DOWN, Stopped, until_redis
 from worker.finisher import DeadLetter, Finish, Outcome
 from worker.inbox import Delivery, Owner
 from worker.ledger import LedgerEntry, ledger_entry
+from worker.metrics import Metrics
 from worker.publisher import Publisher, ReplyStream
-from worker.router import ModelRouter, RouteError
+from worker.router import ModelRouter, OnText, RouteError
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -107,7 +108,9 @@ class JobRunner:
         consumer: str,
         stop: asyncio.Event,
         target: str,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.router = router
         self.publisher = publisher
@@ -187,7 +190,7 @@ class JobRunner:
             attempt = lookup.stored_attempt if isinstance(message, bytes) else run.reply.attempt
             outcome = Outcome(run.delivery.ack, job.request_id, attempt, message, run.dead, job.tenant_id, not run.private,
                               self._ledger(job, message) if not run.private else None)
-            await self._finish(run.delivery, outcome, run.reply)
+            await self._finish(run.delivery, outcome, run.reply, job.model)
 
     def _ledger(self, job: Job, message: Terminal | bytes) -> LedgerEntry | None:
         """A stored outcome sent again was counted when it was stored."""
@@ -245,18 +248,36 @@ class JobRunner:
         """A stream that breaks after chunks were sent starts again from scratch as the next
         attempt, ``stream_restarts`` times at most; after that the job ends ``interrupted``."""
         restarts = self.settings.stream_restarts
+        group = run.job.model
         while True:
+            started = time.monotonic()
             try:
                 if run.job.stream:
-                    return await self.router.stream(run.job, run.reply.send_text)
+                    return await self.router.stream(run.job, self._timed(run, started))
                 return await self.router.complete(run.job)
             except RouteError as exc:
                 if not exc.restart or restarts <= 0:
                     raise
                 restarts -= 1
+                self.metrics.restarts.labels(group).inc()
+            finally:
+                self.metrics.call_seconds.labels(group).observe(time.monotonic() - started)
                 await self._keep_lease(run)
                 run.reply = self.publisher.stream(run.job.request_id, run.reply.attempt + 1)
                 log.warning("stream broke part-way; starting again", attempt=run.reply.attempt)
+
+    def _timed(self, run: Run, started: float) -> OnText:
+        """The attempt's text sink, noting the time to its first token."""
+        send, first = run.reply.send_text, True
+
+        def on_text(text: str) -> bool:
+            nonlocal first
+            if first:
+                first = False
+                self.metrics.ttft_seconds.labels(run.job.model).observe(time.monotonic() - started)
+            return send(text)
+
+        return on_text
 
     async def _keep_lease(self, run: Run) -> None:
         """Before another paid call, ask who owns the job: a worker that was paused, or cut off from
@@ -296,13 +317,15 @@ class JobRunner:
                     reason=text)
         return DeadLetter(delivery.fields.get(b"job"), code, text, delivery.deliveries, self.consumer, self.settings.max_job_bytes)
 
-    async def _finish(self, delivery: Delivery, outcome: Outcome, reply: ReplyStream | None) -> None:
+    async def _finish(self, delivery: Delivery, outcome: Outcome, reply: ReplyStream | None, group: str = "") -> None:
         delivery.finishing = True
         result = await self.publisher.finish(outcome, reply)
         if result is not Finish.FINISHED:
             log.warning("outcome not written", result=result.value, attempt=outcome.attempt)
             return
         message = outcome.message
+        if message is not None and not isinstance(message, bytes):
+            self.metrics.finished(group, outcome.tenant_id or "", message, outcome.dead is not None)
         if isinstance(message, Error) or message is None:
             self.stats.failed += 1
         elif not isinstance(message, bytes):

@@ -23,6 +23,7 @@ from worker.cancellation import CancelListener
 from worker.connections import connect, consumer_name, ensure_group, redis_target
 from worker.heartbeat import HeartbeatKeeper
 from worker.inbox import Inbox, InboxLimits
+from worker.metrics import Metrics
 from worker.publisher import Publisher
 from worker.router import ModelRouter
 from worker.runner import JobRunner, Stats, now_ms
@@ -45,10 +46,15 @@ class Worker:
         self.reader = connect(settings, reader=True)
         self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s, settings.chunk_window_ms / 1000,
                                    (settings.dead_max_len, int(settings.dead_max_age_days * 86_400)))
-        self.runner = JobRunner(settings, router, self.publisher, self.redis, self.consumer, self._stopping, self.target)
+        self.metrics = Metrics(settings.metrics_tenant_label)
+        self.runner = JobRunner(settings, router, self.publisher, self.redis, self.consumer, self._stopping, self.target,
+                                self.metrics)
         self.inbox = Inbox(self.redis, self.reader, self.keys, self.consumer, self._limits(), self._stopping, self.target)
         self.inbox.on_lost = self.runner.lose
         self.inbox.may_take = lambda: self.publisher.refused_since is None
+        self.inbox.on_redis_error = self.publisher.on_redis_error = lambda during: self.metrics.redis_errors.labels(during).inc()
+        self.inbox.on_reclaimed = self.metrics.reclaimed.inc
+        self.metrics.in_flight.set_function(lambda: self.inbox.held)
         self.heartbeat = HeartbeatKeeper(self.redis, self.keys.worker(self.consumer), settings.heartbeat_s, self._beat)
         self.cancels = CancelListener(self.redis, self.keys.cancel, self.runner.cancel)
 
@@ -82,6 +88,7 @@ class Worker:
             return
         await self.publisher.start()
         await self.cancels.start()
+        sampler = self._serve_metrics()
         for task in self._background():
             task.add_done_callback(self._on_background_end)
         log.info("worker ready", consumer=self.consumer, groups=sorted(self.router.groups))
@@ -92,7 +99,15 @@ class Worker:
                 await self.runner.admit(batch)
             await self.runner.drain(self.settings.shutdown_grace_s)
         finally:
+            if sampler is not None:
+                sampler.cancel()
             await self._say_goodbye()
+
+    def _serve_metrics(self) -> asyncio.Task[None] | None:
+        if self.settings.metrics_port is None:
+            return None
+        self.metrics.serve(self.settings.metrics_port)
+        return asyncio.create_task(self.metrics.sample_queue(self.redis, self.keys, self._stopping), name="queue-sampler")
 
     def _background(self) -> list[asyncio.Task[None]]:
         return [t for t in (self.publisher.task, self.heartbeat.task, self.cancels.task) if t is not None]

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     )
     dead_max_len: int = Field(default=10_000, ge=1, description="dead letters kept at most (older ones are trimmed)")
     dead_max_age_days: float = Field(default=30, gt=0, description="dead letters older than this are trimmed")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="serve Prometheus metrics on this port")
+    metrics_tenant_label: bool = Field(default=False, description="label job, token and cost metrics with the tenant")
     usage_retention_days: int = Field(
         default=400, ge=1, description="how long a day of a tenant's usage ledger is kept in Redis"
     )
