@@ -101,3 +101,26 @@ async def _dead_count(redis: aioredis.Redis, client: Any, n: int) -> bool:
 
 async def _answered(client: Any, request_id: str) -> bool:
     return isinstance(await client.stored_outcome(request_id), Result)
+
+
+async def test_status_shows_live_workers_and_the_queue(spawn_worker: Any, settings: Any, client: Any, redis: aioredis.Redis) -> None:
+    process = spawn_worker()
+    await asyncio.to_thread(process.wait_ready)
+    consumer = next(line["consumer"] for line in process.log_lines() if line.get("event") == "worker ready")
+    busy = asyncio.create_task(client.complete("openai", user("#tokens=30 #slow=100"), tenant_id="t", timeout=30))
+    await wait_until(lambda: _pending(redis, client, 1), 10, "the job pending")
+    await asyncio.sleep(1.2)  # a heartbeat that counts it
+    as_json = json.loads((await asyncio.to_thread(llm_worker, settings, "status", "--json")).stdout)
+    [worker] = as_json["workers"]
+    assert worker["consumer"] == consumer and worker["pid"] == process.proc.pid and worker["in_flight"] == 1
+    assert worker["heartbeat_age_s"] < 3 * settings.heartbeat_s
+    queue = as_json["queue"]
+    assert queue["pending"] == 1 and queue["lag"] == 0 and queue["oldest_pending_s"] is not None and queue["dead_letters"] == 0
+    table = (await asyncio.to_thread(llm_worker, settings, "status")).stdout  # rich wraps long cells at 80 columns
+    assert "workers (1)" in table and "queue" in table and str(process.proc.pid) in table
+    await busy
+    assert await asyncio.to_thread(process.stop) == 0
+
+
+async def _pending(redis: aioredis.Redis, client: Any, n: int) -> bool:
+    return int((await redis.xpending(client.keys.jobs, client.keys.group))["pending"]) >= n

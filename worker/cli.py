@@ -52,16 +52,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ask.add_argument("--timeout", type=float, default=120.0)
     ask.add_argument("--redis-url", dest="redis_url")
     ask.add_argument("--prefix")
-    for name, text in (("health", "exit 0 if the worker's heartbeat is fresh and Redis answers (a liveness probe)"),
-                       ("ready", "health, and the model config loads with a deployment for every group (a readiness probe)")):
-        probe = commands.add_parser(name, help=text)
-        which = probe.add_mutually_exclusive_group()
-        which.add_argument("--consumer", help="the worker's consumer name")
-        which.add_argument("--pid", type=int, help="the worker's pid on this host (default: any worker on this host)")
-        probe.add_argument("--redis-url", dest="redis_url")
-        probe.add_argument("--prefix")
-    models = commands.add_parser("models", help="the model groups, their deployments in order, fallbacks, what is left out")
-    models.add_argument("--config", type=Path, help="model groups YAML (LLM_WORKER_CONFIG)")
+    add_operator_commands(commands)
     add_dead_commands(commands)
     check = commands.add_parser("check-config", help="check a model config file as the worker would load it")
     check.add_argument("file", type=Path)
@@ -76,6 +67,53 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     usage.add_argument("--redis-url", dest="redis_url")
     usage.add_argument("--prefix")
     return parser.parse_args(argv)
+
+
+async def show_status(settings: Settings, args: argparse.Namespace) -> int:
+    from contracts import Keys
+    from worker.ops import gather_status, status_tables
+
+    redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
+    keys = Keys(settings.prefix)
+    try:
+        if args.json:
+            print(json.dumps(await gather_status(redis, keys)))
+        elif not args.watch:
+            from rich.console import Console
+
+            Console().print(status_tables(await gather_status(redis, keys)))
+        else:
+            from rich.live import Live
+
+            with Live(status_tables(await gather_status(redis, keys)), auto_refresh=False) as live:
+                while True:
+                    await asyncio.sleep(args.interval)
+                    live.update(status_tables(await gather_status(redis, keys)), refresh=True)
+    except REDIS_DOWN_ERRORS as exc:
+        raise UsageError(f"redis does not answer ({type(exc).__name__})") from None
+    finally:
+        await redis.aclose()
+    return 0
+
+
+def add_operator_commands(commands: Any) -> None:
+    """health, ready, status and models."""
+    for name, text in (("health", "exit 0 if the worker's heartbeat is fresh and Redis answers (a liveness probe)"),
+                       ("ready", "health, and the model config loads with a deployment for every group (a readiness probe)")):
+        probe = commands.add_parser(name, help=text)
+        which = probe.add_mutually_exclusive_group()
+        which.add_argument("--consumer", help="the worker's consumer name")
+        which.add_argument("--pid", type=int, help="the worker's pid on this host (default: any worker on this host)")
+        probe.add_argument("--redis-url", dest="redis_url")
+        probe.add_argument("--prefix")
+    status = commands.add_parser("status", help="live workers (from their heartbeats) and the queue")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    status.add_argument("--watch", action="store_true", help="refresh in place until interrupted")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    status.add_argument("--redis-url", dest="redis_url")
+    status.add_argument("--prefix")
+    models = commands.add_parser("models", help="the model groups, their deployments in order, fallbacks, what is left out")
+    models.add_argument("--config", type=Path, help="model groups YAML (LLM_WORKER_CONFIG)")
 
 
 def add_dead_commands(commands: Any) -> None:
@@ -143,6 +181,9 @@ async def replay_dead(redis: aioredis.Redis, keys: Any, settings: Settings, args
             refused += 1
             print(f"refused {entry.id}: {exc.reason}", file=sys.stderr)
     return 1 if refused else 0
+
+
+REDIS_DOWN_ERRORS = (ConnectionError, TimeoutError, OSError, aioredis.ConnectionError, aioredis.TimeoutError)
 
 
 class UsageError(Exception):
@@ -350,6 +391,8 @@ def run_command(args: argparse.Namespace) -> int:
         return probe(settings, args)
     if args.command == "dead":
         return int(uvloop.run(dead_letters(settings, args)))
+    if args.command == "status":
+        return int(uvloop.run(show_status(settings, args)))
     if args.command != "run":
         return int(uvloop.run(ask(settings, args) if args.command == "ask" else usage(settings, args)))
     try:

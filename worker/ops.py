@@ -3,8 +3,10 @@ serve (``models``). Each answers in one line on failure and exits non-zero, for 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -58,6 +60,40 @@ def _is_the_one(beat: Heartbeat, consumer: str | None, pid: int | None, host: st
     if consumer:
         return beat.consumer == consumer
     return beat.host == host and (pid is None or beat.pid == pid)
+
+
+async def gather_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
+    """Live workers from their heartbeats, and the queue: what ``llm-worker status`` shows."""
+    now = time.time()
+    workers = [{"consumer": b.consumer, "host": b.host, "pid": b.pid, "version": b.version,
+                "uptime_s": round(now - b.started_at_ms / 1000), "in_flight": b.in_flight, "completed": b.completed,
+                "failed": b.failed, "unwritten": b.unwritten, "heartbeat_age_s": round(now - b.heartbeat_at_ms / 1000, 1)}
+               for b in sorted(await heartbeats(redis, keys), key=lambda b: b.consumer)]
+    queue: dict[str, Any] = {"length": int(await redis.xlen(keys.jobs)), "lag": None, "pending": 0,
+                             "oldest_pending_s": None, "dead_letters": int(await redis.xlen(keys.dead))}
+    with contextlib.suppress(aioredis.ResponseError):  # no group yet
+        group = next((g for g in await redis.xinfo_groups(keys.jobs) if g["name"] in (keys.group, keys.group.encode())), {})
+        summary = await redis.xpending(keys.jobs, keys.group)
+        oldest = summary.get("min")
+        queue.update(lag=group.get("lag"), pending=int(summary["pending"]),
+                     oldest_pending_s=round(now - int(oldest.split(b"-")[0]) / 1000, 1) if isinstance(oldest, bytes) else None)
+    return {"workers": workers, "queue": queue}
+
+
+def status_tables(status: dict[str, Any]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    workers = Table(title=f"workers ({len(status['workers'])})")
+    for column in ("consumer", "host", "pid", "version", "uptime_s", "in_flight", "completed", "failed", "unwritten", "heartbeat_age_s"):
+        workers.add_column(column, justify="right" if column not in ("consumer", "host", "version") else "left")
+    for worker in status["workers"]:
+        workers.add_row(*(str(v) for v in worker.values()))
+    queue = Table(title="queue")
+    for column in status["queue"]:
+        queue.add_column(column, justify="right")
+    queue.add_row(*("-" if v is None else str(v) for v in status["queue"].values()))
+    return Group(workers, queue)
 
 
 def check_ready(settings: Settings) -> str:
