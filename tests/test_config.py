@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,3 +91,25 @@ def test_the_worker_refuses_a_bad_config_in_one_line(tmp_path: Path) -> None:
     done = llm_worker("run", LLM_WORKER_CONFIG=str(bad), REDIS_URL=f"redis://:{PASSWORD}@127.0.0.1:1/0")
     assert_one_clean_line(done, f"{bad}:6: unknown router setting `fallback`", "and 1 more")
     assert done.returncode == 2
+
+
+@pytest.mark.slow
+async def test_no_part_of_an_api_key_reaches_the_log_even_at_debug(
+    tmp_path: Path, spawn_worker: Any, client: Any, standin: Any
+) -> None:
+    """litellm's request log at DEBUG shows a masked key (its first and last characters)."""
+    import asyncio
+
+    import yaml
+
+    config = tmp_path / "keyed.yaml"
+    config.write_text(yaml.safe_dump({"model_list": [{"model_name": "keyed", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_base": standin.url + "/v1", "api_key": "os.environ/LLM_POOL_TEST_SECRET_KEY"}}]}))
+    process = spawn_worker(LLM_WORKER_CONFIG=str(config), LLM_WORKER_LOG_LEVEL="DEBUG", LLM_POOL_TEST_SECRET_KEY=API_KEY)
+    await asyncio.to_thread(process.wait_ready)
+    assert (await client.complete("keyed", [{"role": "user", "content": "hello"}], tenant_id="t", timeout=30)).content == "hello"
+    [e async for e in client.stream("keyed", [{"role": "user", "content": "hi there"}], tenant_id="t", timeout=30)]
+    assert await asyncio.to_thread(process.stop) == 0
+    text = process.log_path.read_text()
+    assert "hello" in text and len(text.splitlines()) > 20, "the log is at DEBUG"
+    assert not [API_KEY[i : i + 4] for i in range(len(API_KEY) - 3) if API_KEY[i : i + 4] in text], "no part of the key"

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import structlog
 import uvloop
 
-from worker.logs import configure_logging
+from worker.logs import configure_logging, secrets_of
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
@@ -386,7 +386,7 @@ def run_command(args: argparse.Namespace) -> int:
         print("\n".join(problems) or f"{args.file}: ok")
         return 1 if problems else 0
     settings = settings_from(args)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, secrets_of(settings.redis_url.get_secret_value()))
     if args.command in ("health", "ready", "models"):
         return probe(settings, args)
     if args.command == "dead":

@@ -258,13 +258,13 @@ class JobRunner:
             except RouteError as exc:
                 if not exc.restart or restarts <= 0:
                     raise
-                restarts -= 1
-                self.metrics.restarts.labels(group).inc()
             finally:
                 self.metrics.call_seconds.labels(group).observe(time.monotonic() - started)
-                await self._keep_lease(run)
-                run.reply = self.publisher.stream(run.job.request_id, run.reply.attempt + 1)
-                log.warning("stream broke part-way; starting again", attempt=run.reply.attempt)
+            restarts -= 1  # only a stream that broke after chunks, with restarts left, gets here
+            self.metrics.restarts.labels(group).inc()
+            await self._keep_lease(run)
+            run.reply = self.publisher.stream(run.job.request_id, run.reply.attempt + 1)
+            log.warning("stream broke part-way; starting again", attempt=run.reply.attempt)
 
     def _timed(self, run: Run, started: float) -> OnText:
         """The attempt's text sink, noting the time to its first token."""
