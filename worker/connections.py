@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -62,3 +63,15 @@ async def ensure_group(redis: aioredis.Redis, keys: Keys) -> None:
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+async def group_figures(redis: aioredis.Redis, keys: Keys) -> tuple[int | None, int, float | None]:
+    """The group's lag (entries not yet delivered; None before Redis 7), its pending entries, and
+    the age in seconds of the oldest one (None when none is pending)."""
+    groups = await redis.xinfo_groups(keys.jobs)
+    group = next((g for g in groups if g.get("name") in (keys.group, keys.group.encode())), {})
+    lag = group.get("lag")
+    summary = await redis.xpending(keys.jobs, keys.group)
+    oldest = summary.get("min")
+    age = time.time() - int(oldest.split(b"-")[0]) / 1000 if isinstance(oldest, bytes) else None
+    return (int(lag) if lag is not None else None), int(summary["pending"]), age

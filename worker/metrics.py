@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 import redis.asyncio as aioredis
 import structlog
@@ -17,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from contracts import Error, Keys, Terminal
 from worker.backoff import REDIS_DOWN
+from worker.connections import group_figures
 
 log = structlog.get_logger(__name__)
 
@@ -71,12 +71,8 @@ class Metrics:
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _sample(self, redis: aioredis.Redis, keys: Keys) -> None:
-        groups = await redis.xinfo_groups(keys.jobs)
-        group = next((g for g in groups if g.get("name") in (keys.group, keys.group.encode())), None)
-        if group is not None and group.get("lag") is not None:
-            self.queue_lag.set(int(group["lag"]))
-        summary = await redis.xpending(keys.jobs, keys.group)
-        self.queue_pending.set(int(summary["pending"]))
-        oldest = summary.get("min")
-        age = time.time() - int(oldest.split(b"-")[0]) / 1000 if isinstance(oldest, bytes) else 0.0
-        self.oldest_pending.set(max(0.0, age))
+        lag, pending, oldest_s = await group_figures(redis, keys)
+        if lag is not None:
+            self.queue_lag.set(lag)
+        self.queue_pending.set(pending)
+        self.oldest_pending.set(max(0.0, oldest_s or 0.0))

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from contracts import Heartbeat, InvalidMessage, Keys, decode_heartbeat
 from worker.backoff import REDIS_DOWN, describe
-from worker.connections import redis_target
+from worker.connections import group_figures, redis_target
 from worker.model_config import ModelConfig, load_model_config
 from worker.settings import Settings
 
@@ -72,11 +72,8 @@ async def gather_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
     queue: dict[str, Any] = {"length": int(await redis.xlen(keys.jobs)), "lag": None, "pending": 0,
                              "oldest_pending_s": None, "dead_letters": int(await redis.xlen(keys.dead))}
     with contextlib.suppress(aioredis.ResponseError):  # no group yet
-        group = next((g for g in await redis.xinfo_groups(keys.jobs) if g["name"] in (keys.group, keys.group.encode())), {})
-        summary = await redis.xpending(keys.jobs, keys.group)
-        oldest = summary.get("min")
-        queue.update(lag=group.get("lag"), pending=int(summary["pending"]),
-                     oldest_pending_s=round(now - int(oldest.split(b"-")[0]) / 1000, 1) if isinstance(oldest, bytes) else None)
+        lag, pending, oldest_s = await group_figures(redis, keys)
+        queue.update(lag=lag, pending=pending, oldest_pending_s=round(oldest_s, 1) if oldest_s is not None else None)
     return {"workers": workers, "queue": queue}
 
 
