@@ -58,42 +58,40 @@ async def respond(request: web.Request, plan: Any, body: dict[str, Any]) -> web.
     if "html" in plan.hostile:
         return web.Response(text="<html><body><h1>Welcome to nginx!</h1></body></html>", content_type="text/html")
     if not body.get("stream"):
-        return await _whole(request, plan)
-    gzip = "gzip" in plan.hostile
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **({"Content-Encoding": "gzip"} if gzip else {})})
-    await resp.prepare(request)
-    packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS) if gzip else None
-    try:
-        for frame in _frames(plan):
-            wire = packer.compress(frame) + packer.flush(zlib.Z_SYNC_FLUSH) if packer is not None else frame
-            for at in range(0, len(wire), 64 * 1024):
-                await resp.write(wire[at : at + 64 * 1024])
-            if plan.delay_s:
-                await asyncio.sleep(plan.delay_s)
-        if packer is not None:
-            await resp.write(packer.flush())
-        await resp.write_eof()
-    except ConnectionError:
-        request["record"]["disconnected"] = True
-    return resp
+        size = (plan.hostile.get("bomb") or 0) * MIB
+        return await _send(request, plan, "application/json", _whole(plan, size), gzip="gzip" in plan.hostile or size > 0)
+    return await _send(request, plan, "text/event-stream", _frames(plan), gzip="gzip" in plan.hostile, flush_each=True)
 
 
-async def _whole(request: web.Request, plan: Any) -> web.StreamResponse:
-    """A whole answer; with #bomb its text is MB mebibytes, compressed as it is written."""
-    size = (plan.hostile.get("bomb") or 0) * MIB
+def _whole(plan: Any, size: int) -> Iterator[bytes]:
+    """A whole answer in pieces; with #bomb its text is ``size`` bytes, made as it is written."""
     text = "".join(plan.tokens) if not size else ""
     head = json.dumps({"id": "chatcmpl-hostile", "object": "chat.completion", "created": int(time.time()),
                        "model": "hostile", "usage": _usage(plan),
                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "@@"}}]})
     before, after = head.encode().split(b"@@")
-    gzip = "gzip" in plan.hostile or size > 0
-    resp = web.StreamResponse(headers={"Content-Type": "application/json", **({"Content-Encoding": "gzip"} if gzip else {})})
+    yield before + text.encode()
+    for _ in range(size // MIB):
+        yield b"a" * MIB
+    yield after
+
+
+async def _send(
+    request: web.Request, plan: Any, content_type: str, pieces: Iterator[bytes], gzip: bool, flush_each: bool = False
+) -> web.StreamResponse:
+    """Write ``pieces`` as they come, gzip-compressed if asked; ``flush_each``: each piece is
+    decodable on arrival (a stream), and #slow spaces them."""
+    headers = {"Content-Type": content_type, **({"Content-Encoding": "gzip"} if gzip else {})}
+    resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
     packer = zlib.compressobj(9, wbits=16 + zlib.MAX_WBITS) if gzip else None
-    pieces = [before, text.encode()] + [b"a" * MIB for _ in range(size // MIB)] + [after]
     try:
         for piece in pieces:
-            await resp.write(packer.compress(piece) if packer is not None else piece)
+            wire = piece if packer is None else packer.compress(piece) + (packer.flush(zlib.Z_SYNC_FLUSH) if flush_each else b"")
+            for at in range(0, len(wire), 64 * 1024):
+                await resp.write(wire[at : at + 64 * 1024])
+            if flush_each and plan.delay_s:
+                await asyncio.sleep(plan.delay_s)
         if packer is not None:
             await resp.write(packer.flush())
         await resp.write_eof()
