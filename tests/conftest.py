@@ -220,7 +220,13 @@ class RunningWorker:
             self.ready.set()
 
         self.task = asyncio.create_task(self.worker.run(ready))
-        await asyncio.wait_for(self.ready.wait(), 10)
+        waiting = asyncio.ensure_future(self.ready.wait())
+        await asyncio.wait([waiting, self.task], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        if not self.ready.is_set():
+            waiting.cancel()
+            if self.task.done():
+                self.task.result()  # the worker's own error, rather than a timeout
+            raise TimeoutError("worker not ready after 10 s")
         return self
 
     async def stop(self) -> None:

@@ -114,6 +114,11 @@ def add_operator_commands(commands: Any) -> None:
     status.add_argument("--prefix")
     models = commands.add_parser("models", help="the model groups, their deployments in order, fallbacks, what is left out")
     models.add_argument("--config", type=Path, help="model groups YAML (LLM_WORKER_CONFIG)")
+    acl = commands.add_parser("acl", help="print the ACL SETUSER line for a Redis user limited to the pool's keys and commands")
+    acl.add_argument("--user", default="llm-pool", help="the user's name (default: llm-pool)")
+    acl.add_argument("--role", action="append", choices=("worker", "client", "operator"),
+                     help="what the user does; repeat for several (default: all three)")
+    acl.add_argument("--prefix")
 
 
 def add_dead_commands(commands: Any) -> None:
@@ -380,6 +385,7 @@ def probe(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     from worker.model_config import ConfigError, check_model_config
+    from worker.permissions import AccessRefused
 
     if args.command == "check-config":
         problems = check_model_config(args.file)
@@ -387,6 +393,11 @@ def run_command(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format, secrets_of(settings.redis_url.get_secret_value()))
+    if args.command == "acl":
+        from worker.permissions import acl_setuser
+
+        print(acl_setuser(settings.prefix, args.user, tuple(args.role or ("worker", "client", "operator"))))
+        return 0
     if args.command in ("health", "ready", "models"):
         return probe(settings, args)
     if args.command == "dead":
@@ -400,6 +411,6 @@ def run_command(args: argparse.Namespace) -> int:
             uvloop.run(serve(settings))
         else:
             profiled(settings, settings.profile)
-    except ConfigError as exc:
+    except (ConfigError, AccessRefused) as exc:
         raise UsageError(str(exc)) from None
     return 0

@@ -24,6 +24,7 @@ from worker.connections import connect, consumer_name, ensure_group, redis_targe
 from worker.heartbeat import HeartbeatKeeper
 from worker.inbox import Inbox, InboxLimits
 from worker.metrics import Metrics
+from worker.permissions import AccessRefused, check_worker_access
 from worker.publisher import Publisher
 from worker.router import ModelRouter
 from worker.runner import JobRunner, Stats, now_ms
@@ -80,12 +81,16 @@ class Worker:
     async def run(self, ready: Callable[[], Awaitable[None]] | None = None) -> None:
         log.info("worker starting", consumer=self.consumer, concurrency=self.settings.concurrency, redis=self.target)
         try:
+            await until_redis(self._check_access, self._stopping, "start-up", self.target)
             await until_redis(lambda: ensure_group(self.redis, self.keys), self._stopping, "start-up", self.target)
             await until_redis(self.heartbeat.start, self._stopping, "start-up", self.target)
         except Stopped:
             log.info("stopped before redis answered")
             await self._close_connections()
             return
+        except AccessRefused:
+            await self._close_connections()
+            raise
         await self.publisher.start()
         await self.cancels.start()
         sampler = self._serve_metrics()
@@ -102,6 +107,9 @@ class Worker:
             if sampler is not None:
                 sampler.cancel()
             await self._say_goodbye()
+
+    async def _check_access(self) -> None:
+        await check_worker_access(self.redis, self.keys, self.consumer)
 
     def _serve_metrics(self) -> asyncio.Task[None] | None:
         if self.settings.metrics_port is None:
