@@ -242,13 +242,14 @@ class Signals:
 
 async def serve(settings: Settings) -> None:
     from worker.model_config import load_model_config
-    from worker.router import ModelRouter
+    from worker.router import ModelRouter, SharedState
     from worker.service import Worker
     from worker.transport import limits_of
 
     signals = Signals()
+    shared = SharedState(settings.redis_url.get_secret_value(), f"{settings.prefix}:router") if settings.shared_router_state else None
     router = ModelRouter(load_model_config(settings.config, check=True), lean_streams=settings.lean_streams,
-                         limits=limits_of(settings))
+                         limits=limits_of(settings), shared=shared)
     await router.warm_up()
     if signals.count:
         log.info("stopped during start-up")

@@ -28,6 +28,7 @@ WORKER_COMMANDS: Final = (
     "xadd", "xtrim", "xreadgroup", "xrange", "xpending", "xclaim", "xack", "xdel",
     "xgroup|create", "xgroup|delconsumer", "xinfo|consumers", "xinfo|groups",
     "publish", "subscribe", "unsubscribe", "evalsha", "script|load",
+    "incrbyfloat", "ttl", "ping", "info",  # litellm's router state, shared through Redis
 )
 #: What an orchestrator's ``LLMClient`` runs (``usage()`` needs scan and hgetall).
 CLIENT_COMMANDS: Final = (
@@ -68,7 +69,7 @@ def _probes(keys: Keys, consumer: str) -> dict[str, tuple[str | int, ...]]:
     """Each command the worker runs, with the keys and channels it runs it on."""
     probe = "permission-probe"
     result, flag, ledger, beat = keys.result(probe), keys.cancel_flag(probe), keys.usage(probe, "1970-01-01"), keys.worker(probe)
-    jobs, group = keys.jobs, keys.group
+    jobs, group, router = keys.jobs, keys.group, f"{keys.prefix}:router:{probe}"
     return {
         "get": ("GET", result), "set": ("SET", result, "v"), "mget": ("MGET", result, flag),
         "exists": ("EXISTS", beat), "del": ("DEL", beat), "pexpire": ("PEXPIRE", beat, 1000),
@@ -82,6 +83,7 @@ def _probes(keys: Keys, consumer: str) -> dict[str, tuple[str | int, ...]]:
         "xinfo|consumers": ("XINFO", "CONSUMERS", jobs, group), "xinfo|groups": ("XINFO", "GROUPS", jobs),
         "publish": ("PUBLISH", keys.reply(probe), "m"), "subscribe": ("SUBSCRIBE", keys.cancel),
         "unsubscribe": ("UNSUBSCRIBE", keys.cancel),
+        "incrbyfloat": ("INCRBYFLOAT", router, 1), "ttl": ("TTL", router), "ping": ("PING",), "info": ("INFO",),
     }
 
 

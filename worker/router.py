@@ -68,6 +68,29 @@ def router_arguments() -> set[str]:
     return set(inspect.signature(Router.__init__).parameters) - {"self", "model_list"}
 
 
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """Where the Routers of a pool keep what they must agree on: cooldowns, fail counts, and the
+    rpm/tpm counted per deployment. Without it each process keeps its own view."""
+
+    redis_url: str
+    namespace: str
+
+
+def router_settings(config: ModelConfig, shared: SharedState | None, enforce: bool = True) -> dict[str, Any]:
+    """The Router's arguments: the YAML's ``router_settings``, with the pool's Redis (unless the
+    YAML names its own, as a LiteLLM proxy config may) and, when a deployment sets ``rpm`` or
+    ``tpm``, litellm's check that holds the limit against counts read from that Redis."""
+    settings = dict(config.router_settings)
+    if shared is not None and not {"redis_url", "redis_host"} & settings.keys():
+        settings["redis_url"] = shared.redis_url
+        settings["cache_kwargs"] = {"namespace": shared.namespace, **(settings.get("cache_kwargs") or {})}
+    if enforce and any(d.params.get(limit) for d in config.deployments for limit in ("rpm", "tpm")):
+        checks = list(settings.get("optional_pre_call_checks") or [])
+        settings["optional_pre_call_checks"] = [*checks, *{"enforce_model_rate_limits"} - set(checks)]
+    return settings
+
+
 def quiet_litellm() -> None:
     """Stop litellm printing on its own. Its records reach our handlers only when we log at DEBUG:
     each failed job is logged once by the worker, where litellm logs each failed attempt in many lines."""
@@ -117,7 +140,8 @@ async def close_stream(stream: Any) -> None:
 class ModelRouter:
     """The model groups of one worker process."""
 
-    def __init__(self, config: ModelConfig, lean_streams: bool = True, limits: Limits | None = None) -> None:
+    def __init__(self, config: ModelConfig, lean_streams: bool = True, limits: Limits | None = None,
+                 shared: SharedState | None = None) -> None:
         quiet_litellm()
         for key, value in config.litellm_settings.items():  # before the transport: TLS settings must reach it
             setattr(litellm, key, value)
@@ -127,7 +151,14 @@ class ModelRouter:
         self.groups = config.groups
         self._deployments = config.by_id()
         self._prices = {d.id: price_of(d) for d in config.deployments}
-        self._router = Router(model_list=[d.entry() for d in config.deployments], **dict(config.router_settings))
+        self._shared = shared
+        # The Router that serves is made after the warm-up: litellm counts every call, mock ones
+        # too, through process-wide callbacks, and the mocks must not spend a deployment's rpm.
+        self._warming: Any = self._make_router(None, enforce=False)
+        self._serving: Any = None
+
+    def _make_router(self, shared: SharedState | None, enforce: bool = True) -> Any:
+        return Router(model_list=[d.entry() for d in self.config.deployments], **router_settings(self.config, shared, enforce))
 
     @property
     def lean_streams(self) -> bool:
@@ -142,19 +173,35 @@ class ModelRouter:
 
         A mock response per group, streamed and not, goes through the same code paths as a
         real call without touching the network. Then the objects made so far are frozen (gc).
+        The Router that serves is made after it (see ``__init__`` and ``open``).
         """
         messages = [{"role": "user", "content": "warm-up"}]
+        assert self._warming is not None, "warm_up() runs once"
         for stream in (False, True):
             for group in sorted(self.groups):
-                response = await self._router.acompletion(model=group, messages=messages, mock_response="ok", stream=stream)
+                response = await self._warming.acompletion(model=group, messages=messages, mock_response="ok", stream=stream)
                 if stream:
                     async for _ in response:
                         pass
         # Everything alive now (litellm's large import graph above all) lives as long as the process:
         # take it out of the collector's reach. A full collection then takes ~0.1 s instead of ~0.3 s,
         # time during which every job of the worker stands still (measured in tests/test_hostile.py).
+        self._warming = None
         gc.collect()
         gc.freeze()
+
+    def open(self) -> None:
+        """Make the Router that serves, once. The worker calls it after Redis has accepted its
+        credentials: with shared state litellm connects at once, and fails noisily when refused."""
+        if self._serving is None:
+            if self._warming is not None:
+                raise RuntimeError("ModelRouter.warm_up() must run before open()")
+            self._serving = self._make_router(self._shared)
+
+    @property
+    def _router(self) -> Any:
+        self.open()
+        return self._serving
 
     def deployment(self, deployment_id: str | None) -> Deployment | None:
         return self._deployments.get(deployment_id or "")
@@ -258,6 +305,7 @@ class ModelRouter:
                     answer.forget_end()  # litellm saw a synthetic end after the head
                     stream = None  # litellm is done with this call: let its objects go while the stream runs on
                     await read_rest(tapped, answer, on_text)
+                    await self._count_tokens(hidden, answer)
             except CALL_FAILURES as exc:
                 if not answer.chunks_seen:
                     raise
@@ -265,6 +313,20 @@ class ModelRouter:
             finally:
                 await close_stream(stream)
         return self._finish(job, hidden, answer)
+
+    async def _count_tokens(self, hidden: Mapping[str, Any], answer: StreamAssembler) -> None:
+        """litellm counts a deployment's tokens against its ``tpm`` when it reads a stream to the
+        end; a lean stream's rest it never sees, so its tokens are reported here, to the same check."""
+        deployment = self.deployment(hidden.get("model_id"))
+        total = (answer.prompt_tokens or 0) + (answer.completion_tokens or 0)
+        if deployment is None or not total or not {"tpm", "tpd"} & deployment.params.keys():
+            return
+        payload = {"standard_logging_object": {
+            "model_id": deployment.id, "total_tokens": total, "hidden_params": {"litellm_model_name": deployment.model}}}
+        for check in getattr(self._router, "optional_callbacks", None) or ():
+            if type(check).__name__ == "ModelRateLimitingCheck":
+                with contextlib.suppress(Exception):  # a count lost is a limit less exact, never a failed job
+                    await check.async_log_success_event(payload, None, None, None)
 
     def _broken_after_chunks(self, job: Job, hidden: Mapping[str, Any], exc: BaseException) -> None:
         verdict = judge(exc, chunks_sent=True)

@@ -83,6 +83,7 @@ class Worker:
         try:
             await until_redis(self._check_access, self._stopping, "start-up", self.target)
             await until_redis(lambda: ensure_group(self.redis, self.keys), self._stopping, "start-up", self.target)
+            self.router.open()
             await until_redis(self.heartbeat.start, self._stopping, "start-up", self.target)
         except Stopped:
             log.info("stopped before redis answered")

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     lean_streams: bool = Field(
         default=True, description="parse OpenAI and Anthropic streams here instead of in litellm's wrapper"
     )
+    shared_router_state: bool = Field(
+        default=True, description="keep litellm's cooldowns and rpm/tpm counts in Redis, shared by every worker of the pool"
+    )
     max_answer_chars: int = Field(
         default=1_000_000, ge=1000,
         description="longest answer (text plus tool arguments) a job may get; longer ends `answer_too_large`",
