@@ -24,6 +24,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from client.enqueue import ENQUEUE_SCRIPT, QueueFull
 from client.usage import UsageRow, read_usage
 from contracts import (
     Chunk,
@@ -39,7 +40,7 @@ from contracts import (
     encode,
 )
 
-__all__ = ["JobFailed", "LLMClient", "ReplyTimeout", "UsageRow", "make_job"]
+__all__ = ["JobFailed", "LLMClient", "QueueFull", "ReplyTimeout", "UsageRow", "make_job"]
 
 QUIET_POLL_S = 1.0  # this long without a message on the channel: read the stored outcome
 
@@ -124,6 +125,7 @@ class LLMClient:
         self.keys = Keys(prefix)
         self._hub = _ReplyHub(redis)
         self._owns_redis = owns_redis
+        self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "llm", **redis_kwargs: Any) -> Self:
@@ -143,15 +145,21 @@ class LLMClient:
     # ---- building blocks -----------------------------------------------------------------
 
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.keys.jobs, self.keys.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in self.keys.lanes():
+            try:
+                await self.redis.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
-    async def enqueue(self, job: Job) -> str:
-        """Add the job to the stream without waiting for it; returns the entry id."""
-        entry_id = await self.redis.xadd(self.keys.jobs, {"job": encode(job)})
+    async def enqueue(self, job: Job, priority: str = "interactive") -> str:
+        """Add the job to its lane's stream without waiting for it; returns the entry id. Raises
+        :class:`QueueFull` when the lane's backlog is at the operator's limit."""
+        stream = self.keys.lane(priority)
+        status, *rest = await self._enqueue(keys=[stream, self.keys.lanes_config], args=[self.keys.group, priority, encode(job)])
+        if status == b"full":
+            raise QueueFull(priority, int(rest[0]), int(rest[1]))
+        entry_id = rest[0]
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     async def cancel(self, request_id: str, ttl_s: int = 3600) -> None:
@@ -172,18 +180,23 @@ class LLMClient:
         raw = await self.redis.get(self.keys.result(request_id))
         return decode_reply(raw) if raw is not None else None
 
-    async def replies(self, job: Job, timeout: float) -> AsyncGenerator[Reply, None]:
+    async def replies(self, job: Job, timeout: float, priority: str = "interactive") -> AsyncGenerator[Reply, None]:
         """Enqueue ``job`` and yield its replies up to the terminal one, keeping only the newest attempt.
 
         A reply of a higher ``attempt`` means generation started again: text of older attempts is
         void. A chunk seen already (a publish repeated after a reconnect) is not yielded again.
         If this ends without a terminal reply (timeout, or the caller stopped), the job is cancelled.
         """
+        self.keys.lane(priority)  # an unknown lane is refused before anything is sent
         channel = self.keys.reply(job.request_id)
         queue = await self._hub.open(channel)
         answered = False
         try:
-            await self.enqueue(job)
+            try:
+                await self.enqueue(job, priority)
+            except QueueFull:
+                answered = True  # nothing was enqueued: nothing to cancel
+                raise
             seen = _Seen()
             async for reply in self._wait(job.request_id, queue, timeout):
                 if seen.fresh(reply):
@@ -235,11 +248,13 @@ class LLMClient:
         params: Params | None = None,
         deadline_ms: int | None = None,
         timeout: float = 600.0,
+        priority: str = "interactive",
     ) -> Result:
         """One whole answer; raises :class:`JobFailed` on an ``error`` reply, :class:`ReplyTimeout`
-        after ``timeout`` seconds. Without ``deadline_ms`` the job's deadline is now + ``timeout``."""
+        after ``timeout`` seconds, :class:`QueueFull` when the lane is full. Without ``deadline_ms``
+        the job's deadline is now + ``timeout``. ``priority="batch"`` puts it in the batch lane."""
         job = make_job(model, messages, tenant_id, request_id, tools, params, deadline_ms or _deadline(timeout), stream=False)
-        async with contextlib.aclosing(self.replies(job, timeout)) as replies:
+        async with contextlib.aclosing(self.replies(job, timeout, priority)) as replies:
             async for reply in replies:
                 if isinstance(reply, Error):
                     raise JobFailed(reply)
@@ -258,6 +273,7 @@ class LLMClient:
         params: Params | None = None,
         deadline_ms: int | None = None,
         timeout: float = 600.0,
+        priority: str = "interactive",
     ) -> AsyncIterator[Chunk | Done]:
         """Chunks as they arrive, then ``Done``; raises :class:`JobFailed` on an ``error`` reply.
 
@@ -266,7 +282,7 @@ class LLMClient:
         now + ``timeout``; leaving the loop early cancels the job.
         """
         job = make_job(model, messages, tenant_id, request_id, tools, params, deadline_ms or _deadline(timeout), stream=True)
-        async with contextlib.aclosing(self.replies(job, timeout)) as replies:
+        async with contextlib.aclosing(self.replies(job, timeout, priority)) as replies:
             async for reply in replies:
                 if isinstance(reply, Error):
                     raise JobFailed(reply)

@@ -312,15 +312,30 @@ def is_terminal(message: Reply) -> bool:
 # ---- keys -----------------------------------------------------------------------------------
 
 
+#: The lanes of §1, most urgent first.
+LANES: Final = ("interactive", "batch")
+
+
 class Keys:
     """Redis names of CONTRACT.md for one key prefix."""
 
     def __init__(self, prefix: str = "llm") -> None:
         self.prefix = prefix
         self.jobs = f"{prefix}:jobs"
+        self.batch = f"{prefix}:jobs:batch"
+        self.lanes_config = f"{prefix}:lanes"
         self.group = f"{prefix}:workers"
         self.dead = f"{prefix}:jobs:dead"
         self.cancel = f"{prefix}:cancel"
+
+    def lane(self, name: str) -> str:
+        """The stream of a lane (§1): ``interactive`` (the default, ``{p}:jobs``) or ``batch``."""
+        if name not in LANES:
+            raise ValueError(f"unknown lane {name!r}: one of {', '.join(LANES)}")
+        return self.batch if name == "batch" else self.jobs
+
+    def lanes(self) -> tuple[str, str]:
+        return self.jobs, self.batch
 
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{request_id}"

@@ -55,7 +55,9 @@ async def test_metrics_count_what_the_worker_did(spawn_worker: Any, client: LLMC
     assert value(after, "llm_worker_provider_call_seconds_count", group="openai") == 3
     assert value(after, "llm_worker_jobs_in_flight") == 0
     assert events[-1].attempt == 1 and value(after, "llm_worker_stream_restarts_total", group="openai") == 0, "healthy jobs never restart"
-    assert ("llm_worker_queue_lag_entries", ()) in after and value(after, "llm_worker_queue_pending_entries") == 0
+    for lane in ("interactive", "batch"):
+        assert ("llm_worker_queue_lag_entries", (("lane", lane),)) in after
+        assert value(after, "llm_worker_queue_pending_entries", lane=lane) == 0
     assert not [key for key in after if "request_id" in dict(key[1])], "no unbounded labels"
     assert await asyncio.to_thread(process.stop) == 0
 

@@ -116,6 +116,7 @@ async def test_status_shows_live_workers_and_the_queue(spawn_worker: Any, settin
     assert worker["heartbeat_age_s"] < 3 * settings.heartbeat_s
     queue = as_json["queue"]
     assert queue["pending"] == 1 and queue["lag"] == 0 and queue["oldest_pending_s"] is not None and queue["dead_letters"] == 0
+    assert [lane["lane"] for lane in as_json["lanes"]] == ["interactive", "batch"] and as_json["lanes"][1]["pending"] == 0
     table = (await asyncio.to_thread(llm_worker, settings, "status")).stdout  # rich wraps long cells at 80 columns
     assert "workers (1)" in table and "queue" in table and str(process.proc.pid) in table
     await busy

@@ -56,22 +56,38 @@ def group_gone(exc: ResponseError) -> bool:
 
 
 async def ensure_group(redis: aioredis.Redis, keys: Keys) -> None:
-    """Create the stream and group if missing. The group starts at 0: entries added before it
-    existed, or left when it was deleted, are jobs that nobody has answered yet."""
+    """Create each lane's stream and group if missing. A group starts at 0: entries added before
+    it existed, or left when it was deleted, are jobs that nobody has answered yet."""
+    for stream in keys.lanes():
+        try:
+            await redis.xgroup_create(stream, keys.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+async def backlog(redis: aioredis.Redis, stream: str, group: str) -> int:
+    """Entries of ``stream`` not yet delivered to any consumer. Answered entries are deleted, so
+    where Redis cannot tell the group's lag, the stream's length less its pending entries is it."""
     try:
-        await redis.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return 0  # no stream yet
+    found = next((g for g in groups if g.get("name") in (group, group.encode())), None)
+    if found is None:
+        return 0
+    if found.get("lag") is not None:
+        return int(found["lag"])
+    return max(0, int(await redis.xlen(stream)) - int(found.get("pending") or 0))
 
 
-async def group_figures(redis: aioredis.Redis, keys: Keys) -> tuple[int | None, int, float | None]:
-    """The group's lag (entries not yet delivered; None before Redis 7), its pending entries, and
+async def group_figures(redis: aioredis.Redis, stream: str, group_name: str) -> tuple[int | None, int, float | None]:
+    """A lane's lag (entries not yet delivered; None before Redis 7), its pending entries, and
     the age in seconds of the oldest one (None when none is pending)."""
-    groups = await redis.xinfo_groups(keys.jobs)
-    group = next((g for g in groups if g.get("name") in (keys.group, keys.group.encode())), {})
+    groups = await redis.xinfo_groups(stream)
+    group = next((g for g in groups if g.get("name") in (group_name, group_name.encode())), {})
     lag = group.get("lag")
-    summary = await redis.xpending(keys.jobs, keys.group)
+    summary = await redis.xpending(stream, group_name)
     oldest = summary.get("min")
     age = time.time() - int(oldest.split(b"-")[0]) / 1000 if isinstance(oldest, bytes) else None
     return (int(lag) if lag is not None else None), int(summary["pending"]), age

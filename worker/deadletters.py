@@ -60,7 +60,7 @@ async def replay(redis: aioredis.Redis, keys: Keys, entry: DeadEntry, max_job_by
     job = decode_job(raw, max_job_bytes)
     pipe = redis.pipeline(transaction=True)
     pipe.delete(keys.result(job.request_id), keys.cancel_flag(job.request_id))
-    pipe.xadd(keys.jobs, {"job": raw})
+    pipe.xadd(keys.batch if entry.text("lane") == "batch" else keys.jobs, {"job": raw})
     pipe.xdel(keys.dead, entry.id)
     new_id = (await pipe.execute())[1]
     return new_id.decode() if isinstance(new_id, bytes) else str(new_id)

@@ -111,10 +111,11 @@ class DeadLetter:
     attempts: int
     consumer: str
     max_job_bytes: int = 1024 * 1024
+    lane: str = "interactive"  # where a replay enqueues it again
 
     def flat(self) -> list[EncodableT]:
         fields: list[EncodableT] = ["code", self.code, "message", self.message, "attempts", self.attempts,
-                                    "consumer", self.consumer, "failed_at_ms", int(time.time() * 1000)]
+                                    "consumer", self.consumer, "failed_at_ms", int(time.time() * 1000), "lane", self.lane]
         if self.job is not None and len(self.job) > self.max_job_bytes:
             fields += ["job", self.job[:DEAD_HEAD_BYTES], "job_bytes", len(self.job),
                        "job_sha256", hashlib.sha256(self.job).hexdigest(), "job_truncated", 1]

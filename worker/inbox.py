@@ -25,7 +25,8 @@ from redis.exceptions import ResponseError
 
 from contracts import Keys
 from worker.backoff import REDIS_DOWN, Backoff, Stopped, describe, jittered, pause, until_redis
-from worker.connections import ensure_group, group_gone
+from worker.connections import backlog, ensure_group, group_gone
+from worker.lanes import Lane, Slots
 from worker.recovery import Reclaimer
 
 log = structlog.get_logger(__name__)
@@ -85,7 +86,12 @@ class Inbox:
         limits: InboxLimits,
         stop: asyncio.Event,
         target: str,
+        lane: Lane = Lane.INTERACTIVE,
+        slots: Slots | None = None,
     ) -> None:
+        self.lane = lane
+        self.stream = lane.stream(keys)
+        self.slots = slots or Slots(limits.concurrency, batch_share=0)
         self.redis = redis
         self.reader = reader
         self.keys = keys
@@ -93,13 +99,13 @@ class Inbox:
         self.limits = limits
         self.stop = stop
         self.target = target
-        self.reclaimer = Reclaimer(redis, keys, consumer, limits.stale_after_s)
+        self.reclaimer = Reclaimer(redis, keys, consumer, limits.stale_after_s, self.stream)
         self.on_lost: Callable[[list[Delivery]], None] = lambda lost: None
         self.may_take: Callable[[], bool] = lambda: True  # False while Redis refuses to store outcomes
         self.on_redis_error: Callable[[str], None] = lambda during: None
         self.on_reclaimed: Callable[[int], None] = lambda count: None
         self._held: dict[bytes, Delivery] = {}
-        self._room = asyncio.Event()
+        self._room = self.slots.watch()
         self._check_now = True  # a read failed: it may have delivered entries that never reached us
         self._backoff = Backoff()
 
@@ -109,7 +115,7 @@ class Inbox:
 
     @property
     def free(self) -> int:
-        return self.limits.concurrency - len(self._held)
+        return self.slots.free_for(self.lane)
 
     async def batches(self) -> AsyncIterator[list[Delivery]]:
         """Entries to run, in batches, until a stop; never more than the free slots."""
@@ -138,9 +144,10 @@ class Inbox:
     # ---- the three sources -------------------------------------------------------------------
 
     async def _read_new(self) -> list[Delivery]:
+        asked = self.free
         try:
             response = await self.reader.xreadgroup(
-                self.keys.group, self.consumer, {self.keys.jobs: ">"}, count=self.free, block=self.limits.block_ms
+                self.keys.group, self.consumer, {self.stream: ">"}, count=asked, block=self.limits.block_ms
             )
         except ResponseError as exc:
             await self._on_group_error(exc)
@@ -151,7 +158,9 @@ class Inbox:
             return []
         self._backoff.reset()
         entries = cast(StreamResponse, response or [])
-        return [self._hand_out(entry_id, fields, 1) for _stream, batch in entries for entry_id, fields in batch]
+        got = [self._hand_out(entry_id, fields, 1) for _stream, batch in entries for entry_id, fields in batch]
+        self.slots.saw(self.lane, asked, len(got))
+        return got
 
     async def _round(self) -> list[Delivery]:
         """Check this consumer's own pending list, then claim dead workers' entries into free slots."""
@@ -160,6 +169,8 @@ class Inbox:
             self._check_now = False
             room = self.free if self.may_take() else 0
             claimed = await self.reclaimer.claim(room) if room > 0 else []
+            if room == 0:  # it cannot read now: whether it has work waiting changes the other lane's share
+                self.slots.set_waiting(self.lane, await backlog(self.redis, self.stream, self.keys.group) > 0)
         except ResponseError as exc:
             await self._on_group_error(exc)
             return []
@@ -176,7 +187,7 @@ class Inbox:
         another consumer owns now were lost to it: report them."""
         limit = self.limits.concurrency + 1
         pending = cast(list[dict[str, Any]], await self.redis.xpending_range(
-            self.keys.jobs, self.keys.group, "-", "+", limit, consumername=self.consumer
+            self.stream, self.keys.group, "-", "+", limit, consumername=self.consumer
         ))
         mine: dict[bytes, int] = {p["message_id"]: int(p["times_delivered"]) for p in pending}
         if len(pending) < limit:
@@ -186,7 +197,7 @@ class Inbox:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for entry_id, _ in orphans:
-            pipe.xrange(self.keys.jobs, entry_id, entry_id)
+            pipe.xrange(self.stream, entry_id, entry_id)
         found = cast(list[list[tuple[bytes, dict[bytes, bytes]]]], await pipe.execute())
         for entry_id, _ in orphans:
             log.warning("resuming a job whose delivery was cut off", entry_id=entry_id.decode())
@@ -198,7 +209,7 @@ class Inbox:
             return
         pipe = self.redis.pipeline(transaction=False)
         for delivery in candidates:
-            pipe.xpending_range(self.keys.jobs, self.keys.group, delivery.entry_id, delivery.entry_id, 1)
+            pipe.xpending_range(self.stream, self.keys.group, delivery.entry_id, delivery.entry_id, 1)
         owners = cast(list[list[dict[str, Any]]], await pipe.execute())
         lost = [d for d, rows in zip(candidates, owners, strict=True) if rows and rows[0]["consumer"] != self.consumer.encode()]
         if lost:
@@ -209,19 +220,20 @@ class Inbox:
     # ---- slots ---------------------------------------------------------------------------------
 
     def _hand_out(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Delivery:
-        ack = Ack(self.keys.jobs, self.keys.group, self.consumer, entry_id)
+        ack = Ack(self.stream, self.keys.group, self.consumer, entry_id)
         delivery = Delivery(ack, fields or {}, deliveries, lambda: self._release(entry_id), lambda: self._owner(entry_id))
         self._held[entry_id] = delivery
+        self.slots.take(self.lane)
         return delivery
 
     def _release(self, entry_id: bytes) -> None:
         if self._held.pop(entry_id, None) is not None:
-            self._room.set()
+            self.slots.give_back(self.lane)
 
     async def _owner(self, entry_id: bytes) -> Owner:
         try:
             rows = cast(list[dict[str, Any]], await self.redis.xpending_range(
-                self.keys.jobs, self.keys.group, entry_id, entry_id, 1
+                self.stream, self.keys.group, entry_id, entry_id, 1
             ))
         except (*REDIS_DOWN, ResponseError):
             return Owner.THIS_WORKER

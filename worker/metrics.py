@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from contracts import Error, Keys, Terminal
+from contracts import LANES, Error, Keys, Terminal
 from worker.backoff import REDIS_DOWN
 from worker.connections import group_figures
 
@@ -40,9 +40,11 @@ class Metrics:
         self.reclaimed = Counter("llm_worker_reclaimed_jobs", "Jobs taken over from dead workers", registry=r)
         self.dead_letters = Counter("llm_worker_dead_letters", "Jobs dead-lettered, by error code", ["code"], registry=r)
         self.redis_errors = Counter("llm_worker_redis_errors", "Redis commands that failed or were refused", ["during"], registry=r)
-        self.queue_lag = Gauge("llm_worker_queue_lag_entries", "Job stream entries not yet delivered to any worker", registry=r)
-        self.queue_pending = Gauge("llm_worker_queue_pending_entries", "Delivered entries not yet acknowledged", registry=r)
-        self.oldest_pending = Gauge("llm_worker_queue_oldest_pending_seconds", "Age of the oldest unacknowledged entry", registry=r)
+        lane = ["lane"]
+        self.queue_lag = Gauge("llm_worker_queue_lag_entries", "Job stream entries not yet delivered to any worker", lane, registry=r)
+        self.queue_pending = Gauge("llm_worker_queue_pending_entries", "Delivered entries not yet acknowledged", lane, registry=r)
+        self.oldest_pending = Gauge("llm_worker_queue_oldest_pending_seconds", "Age of the oldest unacknowledged entry", lane,
+                                    registry=r)
 
     def finished(self, group: str, tenant: str, message: Terminal, dead: bool) -> None:
         """One job's stored terminal message."""
@@ -63,7 +65,7 @@ class Metrics:
         log.info("metrics served", port=port)
 
     async def sample_queue(self, redis: aioredis.Redis, keys: Keys, stop: asyncio.Event) -> None:
-        """The group's lag, pending entries and the oldest one's age, once a second."""
+        """Each lane's lag, pending entries and the oldest one's age, once a second."""
         while not stop.is_set():
             with contextlib.suppress(*REDIS_DOWN, aioredis.ResponseError):
                 await self._sample(redis, keys)
@@ -71,8 +73,9 @@ class Metrics:
                 await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _sample(self, redis: aioredis.Redis, keys: Keys) -> None:
-        lag, pending, oldest_s = await group_figures(redis, keys)
-        if lag is not None:
-            self.queue_lag.set(lag)
-        self.queue_pending.set(pending)
-        self.oldest_pending.set(max(0.0, oldest_s or 0.0))
+        for lane, stream in zip(LANES, keys.lanes(), strict=True):
+            lag, pending, oldest_s = await group_figures(redis, stream, keys.group)
+            if lag is not None:
+                self.queue_lag.labels(lane).set(lag)
+            self.queue_pending.labels(lane).set(pending)
+            self.oldest_pending.labels(lane).set(max(0.0, oldest_s or 0.0))

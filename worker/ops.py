@@ -10,7 +10,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from contracts import Heartbeat, InvalidMessage, Keys, decode_heartbeat
+from contracts import LANES, Heartbeat, InvalidMessage, Keys, decode_heartbeat
 from worker.backoff import REDIS_DOWN, describe
 from worker.connections import group_figures, redis_target
 from worker.model_config import ModelConfig, load_model_config
@@ -69,12 +69,19 @@ async def gather_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
                 "uptime_s": round(now - b.started_at_ms / 1000), "in_flight": b.in_flight, "completed": b.completed,
                 "failed": b.failed, "unwritten": b.unwritten, "heartbeat_age_s": round(now - b.heartbeat_at_ms / 1000, 1)}
                for b in sorted(await heartbeats(redis, keys), key=lambda b: b.consumer)]
-    queue: dict[str, Any] = {"length": int(await redis.xlen(keys.jobs)), "lag": None, "pending": 0,
-                             "oldest_pending_s": None, "dead_letters": int(await redis.xlen(keys.dead))}
+    lanes = [await lane_figures(redis, keys, lane, stream) for lane, stream in zip(LANES, keys.lanes(), strict=True)]
+    dead = int(await redis.xlen(keys.dead))
+    # "queue" is the interactive lane, as before there were lanes
+    return {"workers": workers, "queue": {**lanes[0], "dead_letters": dead}, "lanes": lanes, "dead_letters": dead}
+
+
+async def lane_figures(redis: aioredis.Redis, keys: Keys, lane: str, stream: str) -> dict[str, Any]:
+    figures: dict[str, Any] = {"lane": lane, "length": int(await redis.xlen(stream)), "lag": None, "pending": 0,
+                               "oldest_pending_s": None}
     with contextlib.suppress(aioredis.ResponseError):  # no group yet
-        lag, pending, oldest_s = await group_figures(redis, keys)
-        queue.update(lag=lag, pending=pending, oldest_pending_s=round(oldest_s, 1) if oldest_s is not None else None)
-    return {"workers": workers, "queue": queue}
+        lag, pending, oldest_s = await group_figures(redis, stream, keys.group)
+        figures.update(lag=lag, pending=pending, oldest_pending_s=round(oldest_s, 1) if oldest_s is not None else None)
+    return figures
 
 
 def status_tables(status: dict[str, Any]) -> Any:
@@ -86,10 +93,11 @@ def status_tables(status: dict[str, Any]) -> Any:
         workers.add_column(column, justify="right" if column not in ("consumer", "host", "version") else "left")
     for worker in status["workers"]:
         workers.add_row(*(str(v) for v in worker.values()))
-    queue = Table(title="queue")
-    for column in status["queue"]:
-        queue.add_column(column, justify="right")
-    queue.add_row(*("-" if v is None else str(v) for v in status["queue"].values()))
+    queue = Table(title=f"queue (dead letters: {status['dead_letters']})")
+    for column in status["lanes"][0]:
+        queue.add_column(column, justify="left" if column == "lane" else "right")
+    for lane in status["lanes"]:
+        queue.add_row(*("-" if v is None else str(v) for v in lane.values()))
     return Group(workers, queue)
 
 

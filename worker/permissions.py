@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 #: What a worker runs, as ACL spells it (``command|subcommand``).
 WORKER_COMMANDS: Final = (
-    "get", "set", "mget", "exists", "del", "pexpire", "expire", "hincrby",
+    "get", "set", "mget", "exists", "del", "pexpire", "expire", "hincrby", "hset",
     "xadd", "xtrim", "xreadgroup", "xrange", "xpending", "xclaim", "xack", "xdel",
     "xgroup|create", "xgroup|delconsumer", "xinfo|consumers", "xinfo|groups",
     "publish", "subscribe", "unsubscribe", "evalsha", "script|load",
@@ -33,6 +33,7 @@ WORKER_COMMANDS: Final = (
 #: What an orchestrator's ``LLMClient`` runs (``usage()`` needs scan and hgetall).
 CLIENT_COMMANDS: Final = (
     "xadd", "xgroup|create", "get", "set", "publish", "subscribe", "unsubscribe", "scan", "hgetall",
+    "evalsha", "script|load", "hget", "xinfo|groups", "xlen",  # the enqueue script's backlog check
 )
 #: What the operator's commands run (status, health, usage, dead).
 OPERATOR_COMMANDS: Final = (
@@ -74,9 +75,10 @@ def _probes(keys: Keys, consumer: str) -> dict[str, tuple[str | int, ...]]:
         "get": ("GET", result), "set": ("SET", result, "v"), "mget": ("MGET", result, flag),
         "exists": ("EXISTS", beat), "del": ("DEL", beat), "pexpire": ("PEXPIRE", beat, 1000),
         "expire": ("EXPIRE", ledger, 1), "hincrby": ("HINCRBY", ledger, "f", 1),
+        "hset": ("HSET", keys.lanes_config, "f", "v"),
         "xadd": ("XADD", keys.dead, "*", "f", "v"), "xtrim": ("XTRIM", keys.dead, "MAXLEN", 1),
         "xreadgroup": ("XREADGROUP", "GROUP", group, consumer, "STREAMS", jobs, ">"),
-        "xrange": ("XRANGE", jobs, "-", "+"), "xpending": ("XPENDING", jobs, group),
+        "xrange": ("XRANGE", keys.batch, "-", "+"), "xpending": ("XPENDING", jobs, group),
         "xclaim": ("XCLAIM", jobs, group, consumer, 0, "0-1"), "xack": ("XACK", jobs, group, "0-1"),
         "xdel": ("XDEL", jobs, "0-1"), "xgroup|create": ("XGROUP", "CREATE", jobs, group, "0"),
         "xgroup|delconsumer": ("XGROUP", "DELCONSUMER", jobs, group, consumer),

@@ -73,8 +73,9 @@ def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
 
 
 class Reclaimer:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, consumer: str, stale_after_s: float) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, consumer: str, stale_after_s: float, stream: str) -> None:
         self.redis = redis
+        self.stream = stream
         self.keys = keys
         self.consumer = consumer
         self.stale_after_ms = int(stale_after_s * 1000)
@@ -85,7 +86,7 @@ class Reclaimer:
         raw = cast(
             list[Any],
             await self._script(
-                keys=[self.keys.jobs],
+                keys=[self.stream],
                 args=[self.keys.group, self.consumer, self.keys.worker(""), max(0, room), self.stale_after_ms],
             ),
         )

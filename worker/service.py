@@ -23,6 +23,7 @@ from worker.cancellation import CancelListener
 from worker.connections import connect, consumer_name, ensure_group, redis_target
 from worker.heartbeat import HeartbeatKeeper
 from worker.inbox import Inbox, InboxLimits
+from worker.lanes import Lane, Slots, merged
 from worker.metrics import Metrics
 from worker.permissions import AccessRefused, check_worker_access
 from worker.publisher import Publisher
@@ -45,17 +46,24 @@ class Worker:
         self.failed = False  # a background task died: the process exits non-zero
         self.redis = connect(settings, max_connections=settings.concurrency + 16)
         self.reader = connect(settings, reader=True)
+        self.batch_reader = connect(settings, reader=True)  # each lane blocks on a connection of its own
         self.publisher = Publisher(self.redis, self.keys, settings.result_ttl_s, settings.chunk_window_ms / 1000,
                                    (settings.dead_max_len, int(settings.dead_max_age_days * 86_400)))
         self.metrics = Metrics(settings.metrics_tenant_label)
         self.runner = JobRunner(settings, router, self.publisher, self.redis, self.consumer, self._stopping, self.target,
                                 self.metrics)
-        self.inbox = Inbox(self.redis, self.reader, self.keys, self.consumer, self._limits(), self._stopping, self.target)
-        self.inbox.on_lost = self.runner.lose
-        self.inbox.may_take = lambda: self.publisher.refused_since is None
-        self.inbox.on_redis_error = self.publisher.on_redis_error = lambda during: self.metrics.redis_errors.labels(during).inc()
-        self.inbox.on_reclaimed = self.metrics.reclaimed.inc
-        self.metrics.in_flight.set_function(lambda: self.inbox.held)
+        self.slots = Slots(settings.concurrency, settings.batch_share)
+        self.inbox, self.batch_inbox = (
+            Inbox(self.redis, reader, self.keys, self.consumer, self._limits(), self._stopping, self.target, lane, self.slots)
+            for reader, lane in ((self.reader, Lane.INTERACTIVE), (self.batch_reader, Lane.BATCH))
+        )
+        for inbox in (self.inbox, self.batch_inbox):
+            inbox.on_lost = self.runner.lose
+            inbox.may_take = lambda: self.publisher.refused_since is None
+            inbox.on_redis_error = lambda during: self.metrics.redis_errors.labels(during).inc()
+            inbox.on_reclaimed = self.metrics.reclaimed.inc
+        self.publisher.on_redis_error = lambda during: self.metrics.redis_errors.labels(during).inc()
+        self.metrics.in_flight.set_function(lambda: self.slots.in_use)
         self.heartbeat = HeartbeatKeeper(self.redis, self.keys.worker(self.consumer), settings.heartbeat_s, self._beat)
         self.cancels = CancelListener(self.redis, self.keys.cancel, self.runner.cancel)
 
@@ -83,6 +91,7 @@ class Worker:
         try:
             await until_redis(self._check_access, self._stopping, "start-up", self.target)
             await until_redis(lambda: ensure_group(self.redis, self.keys), self._stopping, "start-up", self.target)
+            await until_redis(self._announce_limits, self._stopping, "start-up", self.target)
             self.router.open()
             await until_redis(self.heartbeat.start, self._stopping, "start-up", self.target)
         except Stopped:
@@ -101,13 +110,18 @@ class Worker:
         if ready is not None:
             await ready()
         try:
-            async for batch in self.inbox.batches():
+            async for batch in merged([self.inbox.batches(), self.batch_inbox.batches()]):
                 await self.runner.admit(batch)
             await self.runner.drain(self.settings.shutdown_grace_s)
         finally:
             if sampler is not None:
                 sampler.cancel()
             await self._say_goodbye()
+
+    async def _announce_limits(self) -> None:
+        """The lanes' backlog limits, for clients to enforce as they enqueue (CONTRACT.md §1)."""
+        limits = {"max_backlog:interactive": self.settings.max_backlog, "max_backlog:batch": self.settings.max_batch_backlog}
+        await self.redis.hset(self.keys.lanes_config, mapping=limits)  # type: ignore[arg-type]
 
     async def _check_access(self) -> None:
         await check_worker_access(self.redis, self.keys, self.consumer)
@@ -141,6 +155,7 @@ class Worker:
 
     async def _close_connections(self) -> None:
         await self.reader.aclose()
+        await self.batch_reader.aclose()
         await self.redis.aclose()
 
     def _beat(self) -> Heartbeat:
@@ -153,7 +168,7 @@ class Worker:
             version=__version__,
             started_at_ms=self.started_at_ms,
             heartbeat_at_ms=now_ms(),
-            in_flight=self.inbox.held,
+            in_flight=self.slots.in_use,
             completed=stats.completed,
             failed=stats.failed,
             unwritten=self.publisher.unwritten,

@@ -35,6 +35,15 @@ class Settings(BaseSettings):
     lean_streams: bool = Field(
         default=True, description="parse OpenAI and Anthropic streams here instead of in litellm's wrapper"
     )
+    max_backlog: int = Field(
+        default=10_000, ge=0, description="jobs waiting in the interactive lane past which clients refuse new ones (0: no limit)"
+    )
+    max_batch_backlog: int = Field(
+        default=1_000_000, ge=0, description="jobs waiting in the batch lane past which clients refuse new ones (0: no limit)"
+    )
+    batch_share: float = Field(
+        default=0.1, ge=0, le=1, description="share of a worker's slots the batch lane may always use when it has work"
+    )
     shared_router_state: bool = Field(
         default=True, description="keep litellm's cooldowns and rpm/tpm counts in Redis, shared by every worker of the pool"
     )
