@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     CANCELLED = "cancelled"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     INTERNAL = "internal"
+    QUOTA_EXCEEDED = "quota_exceeded"  # added after the first v1 page
 
 
 #: Codes whose jobs also go to the dead-letter stream (CONTRACT.md §2).

@@ -74,7 +74,7 @@ def test_check_config_names_each_problem_with_its_line(tmp_path: Path) -> None:
     first = llm_worker("check-config", str(top))
     assert first.returncode == 1
     assert first.stdout.strip() == (f"{top}:4: unknown top-level key `router_setting` (did you mean `router_settings`?); "
-                                    "known: model_list, router_settings, litellm_settings, general_settings, environment_variables")
+                                    "known: model_list, router_settings, litellm_settings, tenants, general_settings, environment_variables")
     second = llm_worker("check-config", str(router))
     assert second.returncode == 1
     assert second.stdout.splitlines() == [

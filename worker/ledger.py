@@ -8,7 +8,9 @@ crash before the store add nothing, so every reply is counted once.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from contracts import LEDGER_SEP, Error, Keys, Terminal
 
@@ -43,3 +45,20 @@ def ledger_entry(keys: Keys, tenant_id: str, group: str, message: Terminal, rete
             counts["cost_nano_usd"] = round(message.cost_usd * NANO)
     increments = {f"{group}{LEDGER_SEP}{name}": amount for name, amount in counts.items() if amount}
     return LedgerEntry(keys.usage(tenant_id, utc_day()), retention_days * 86_400, increments)
+
+
+async def over_budget(redis: Any, keys: Keys, budgets: Mapping[str, float]) -> dict[str, str]:
+    """The tenants among ``budgets`` that spent their daily budget today (UTC), by the ledger,
+    each with the message its jobs are refused with. One round trip for all of them."""
+    if not budgets:
+        return {}
+    day = utc_day()
+    pipe = redis.pipeline(transaction=False)
+    for tenant in budgets:
+        pipe.hgetall(keys.usage(tenant, day))
+    over = {}
+    for (tenant, budget), fields in zip(budgets.items(), await pipe.execute(), strict=True):
+        nano = sum(int(v) for k, v in fields.items() if k.decode().endswith(LEDGER_SEP + "cost_nano_usd"))
+        if nano >= round(budget * NANO):
+            over[tenant] = f"tenant {tenant} has spent ${nano / NANO:.4f} today (UTC {day}), its daily budget is ${budget:g}"
+    return over

@@ -8,6 +8,7 @@ first job that reaches it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,11 +47,22 @@ class Deployment:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantLimits:
+    """What one tenant may spend (the ``tenants:`` section; ``default`` for those not named)."""
+
+    daily_budget_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     deployments: tuple[Deployment, ...]
     router_settings: Mapping[str, Any] = field(default_factory=dict)
     litellm_settings: Mapping[str, Any] = field(default_factory=dict)
     left_out: tuple[str, ...] = ()
+    tenants: Mapping[str, TenantLimits] = field(default_factory=dict)
+
+    def limits(self, tenant_id: str) -> TenantLimits:
+        return self.tenants.get(tenant_id) or self.tenants.get("default") or TenantLimits()
 
     @property
     def groups(self) -> frozenset[str]:
@@ -108,7 +120,27 @@ def parse_model_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = N
     for key in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
         if key in settings:
             settings[key] = _prune_fallbacks(settings[key], groups)
-    return ModelConfig(tuple(deployments), settings, dict(raw.get("litellm_settings") or {}), tuple(left_out))
+    return ModelConfig(tuple(deployments), settings, dict(raw.get("litellm_settings") or {}), tuple(left_out),
+                       _parse_tenants(raw.get("tenants")))
+
+
+TENANT_KEYS = ("daily_budget_usd",)
+
+
+def _parse_tenants(section: Any) -> dict[str, TenantLimits]:
+    if not section:
+        return {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("`tenants` must map tenant ids (or `default`) to their limits")
+    tenants = {}
+    for name, limits in section.items():
+        if not isinstance(limits, Mapping) or set(limits) - set(TENANT_KEYS):
+            raise ConfigError(f"tenant `{name}`: limits must be a mapping of {', '.join(TENANT_KEYS)}")
+        budget = limits.get("daily_budget_usd")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0):
+            raise ConfigError(f"tenant `{name}`: `daily_budget_usd` must be a number ≥ 0")
+        tenants[str(name)] = TenantLimits(float(budget) if budget is not None else None)
+    return tenants
 
 
 def load_model_config(path: Path, env: Mapping[str, str] | None = None, check: bool = False) -> ModelConfig:
@@ -130,7 +162,7 @@ def load_model_config(path: Path, env: Mapping[str, str] | None = None, check: b
 
 # ---- checking a config as the worker would load it ---------------------------------------------
 
-TOP_LEVEL = ("model_list", "router_settings", "litellm_settings", "general_settings", "environment_variables")
+TOP_LEVEL = ("model_list", "router_settings", "litellm_settings", "tenants", "general_settings", "environment_variables")
 FALLBACK_KEYS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
 
 
@@ -153,9 +185,17 @@ def check_model_config(path: Path) -> list[str]:
     try:
         parse_model_config(raw, env={k: "set" for k in _env_refs(raw)})  # shape only: every variable counts as set
     except ConfigError as exc:
-        problems.append(at.line("model_list") + str(exc))
+        problems.append(_where(at, str(exc)) + str(exc))
     problems += _router_problems(raw, at)
     return problems
+
+
+def _where(at: _Lines, problem: str) -> str:
+    """The line a parse problem is about: a tenant's entry, the tenants section, or the model list."""
+    tenant = re.match(r"tenant `([^`]*)`", problem)
+    if tenant:
+        return at.line("tenants", tenant.group(1))
+    return at.line("tenants" if problem.startswith("`tenants`") else "model_list")
 
 
 def _router_problems(raw: Mapping[str, Any], at: _Lines) -> list[str]:

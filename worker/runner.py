@@ -36,7 +36,7 @@ from worker.assembly import Completion
 from worker.backoff import REDIS_DOWN, Stopped, until_redis
 from worker.finisher import DeadLetter, Finish, Outcome
 from worker.inbox import Delivery, Owner
-from worker.ledger import LedgerEntry, ledger_entry
+from worker.ledger import LedgerEntry, ledger_entry, over_budget
 from worker.metrics import Metrics
 from worker.publisher import Publisher, ReplyStream
 from worker.router import ModelRouter, OnText, RouteError
@@ -71,6 +71,7 @@ class Lookup:
     stored_attempt: int = 0
     stored_tenant: str | None = None
     cancelled: bool = False
+    over_budget: str | None = None  # why the tenant may not spend more today
 
 
 @dataclass(slots=True, eq=False)
@@ -154,10 +155,11 @@ class JobRunner:
         keys = self.publisher.keys
         names = [k for run in runs for k in (keys.result(run.job.request_id), keys.cancel_flag(run.job.request_id))]
         found = cast(list[bytes | None], await until_redis(lambda: self.redis.mget(names), self.stop, "admission", self.target))
+        over = await until_redis(lambda: over_budget(self.redis, keys, self._budgets(runs)), self.stop, "admission", self.target)
         lookups = []
         for i in range(len(runs)):
             stored, cancel = found[2 * i], found[2 * i + 1]
-            lookups.append(Lookup(cancelled=cancel is not None))
+            lookups.append(Lookup(cancelled=cancel is not None, over_budget=over.get(runs[i].job.tenant_id)))
             if stored is not None:
                 try:
                     reply = decode_reply(stored)
@@ -166,6 +168,10 @@ class JobRunner:
                 except InvalidMessage:
                     log.warning("stored outcome unreadable; running the job", request_id=runs[i].job.request_id)
         return lookups
+
+    def _budgets(self, runs: list[Run]) -> dict[str, float]:
+        limits = {run.job.tenant_id: self.router.config.limits(run.job.tenant_id).daily_budget_usd for run in runs}
+        return {tenant: budget for tenant, budget in limits.items() if budget is not None}
 
     def first_attempt(self, deliveries: int) -> int:
         """Each delivery owns a block of ``1 + stream_restarts`` attempt numbers, so that a
@@ -212,6 +218,9 @@ class JobRunner:
             return run.error(ErrorCode.TOO_MANY_ATTEMPTS, text)
         if lookup.cancelled or run.cancelled():
             return run.error(ErrorCode.CANCELLED, "cancelled before it started")
+        if lookup.over_budget is not None:
+            log.info("job refused: daily budget spent", reason=lookup.over_budget)
+            return run.error(ErrorCode.QUOTA_EXCEEDED, lookup.over_budget)
         try:
             return await self._generate(run)
         except asyncio.CancelledError:
