@@ -338,6 +338,26 @@ class Keys:
     def lanes(self) -> tuple[str, str]:
         return self.jobs, self.batch
 
+    # the waiting room of §1 (tenants): workers' own keys, never an orchestrator's
+
+    def run(self, lane: str) -> str:
+        """The stream a lane's jobs run from once taken from the waiting room."""
+        return f"{self.prefix}:run:{lane}"
+
+    def wait(self, lane: str, tenant_id: str) -> str:
+        return f"{self.prefix}:wait:{lane}:{tenant_id}"
+
+    def waiting(self, lane: str) -> str:
+        return f"{self.prefix}:waiting:{lane}"
+
+    def tenant(self, tenant_id: str) -> str:
+        """The prefix of a tenant's counters: ``…:running``, ``…:rpm:{minute}``, ``…:tpm:{minute}``."""
+        return f"{self.prefix}:tenant:{tenant_id}:"
+
+    @property
+    def tenant_limits(self) -> str:
+        return f"{self.prefix}:tenant-limits"
+
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{request_id}"
 

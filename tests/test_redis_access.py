@@ -79,6 +79,8 @@ async def test_worker_client_and_operator_need_only_the_listed_commands(
         operator = {command: await asyncio.to_thread(llm_worker, limited, *command.split())
                     for command in ("status --json", "health", "usage --json", "dead list --json", "dead replay --all")}
         await wait_until(lambda: _answered(client, poison.request_id), 20, "the replayed job answered")
+        await admin.xadd(client.keys.jobs, {"job": b"not json"})  # nobody to answer, no tenant, no ledger: dead-lettered
+        await wait_until(lambda: _dead_letters(admin, client, 1), 20, "the unreadable job dead-lettered")
         ledger = await client.usage(tenant_id="acme")
     assert whole.content == f"{mark} whole" and isinstance(streamed[-1], Done)
     assert cancelled.value.code == ErrorCode.CANCELLED
@@ -92,6 +94,10 @@ async def test_worker_client_and_operator_need_only_the_listed_commands(
     refusals = [(r["object"], r["reason"]) for r in await admin.acl_log()]
     assert refusals == [], f"every command the pool ran is in the README's lists: {refusals}"
     assert await admin.keys(f"{prefix}:router:*"), "the router kept its state in Redis, under the prefix"
+
+
+async def _dead_letters(admin: aioredis.Redis, client: LLMClient, count: int) -> bool:
+    return int(await admin.xlen(client.keys.dead)) == count
 
 
 async def _answered(client: LLMClient, request_id: str) -> bool:

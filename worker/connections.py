@@ -13,7 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from contracts import Keys
+from contracts import LANES, Keys
 from worker.settings import Settings
 
 #: What Redis says when the group or its stream is gone (an operator's DEL, a flush, a restart without
@@ -58,7 +58,7 @@ def group_gone(exc: ResponseError) -> bool:
 async def ensure_group(redis: aioredis.Redis, keys: Keys) -> None:
     """Create each lane's stream and group if missing. A group starts at 0: entries added before
     it existed, or left when it was deleted, are jobs that nobody has answered yet."""
-    for stream in keys.lanes():
+    for stream in (*keys.lanes(), *(keys.run(lane) for lane in LANES)):
         try:
             await redis.xgroup_create(stream, keys.group, id="0", mkstream=True)
         except ResponseError as exc:

@@ -28,13 +28,15 @@ from contracts import Done, Terminal, encode
 from worker.inbox import Ack
 from worker.ledger import LedgerEntry
 
-# KEYS: jobs stream, result key, dead-letter stream, usage ledger ('' for none).
+# KEYS: jobs stream, result key, dead-letter stream, usage ledger, the tenant's set of running jobs
+# (the waiting room's). A key not needed is given as the jobs stream again: every key must be a
+# name under the prefix, or an ACL user limited to the prefix is refused the whole script.
 # ARGV: group, consumer, entry id, attempt, ttl, reply channel, tenant, store ('1' or '0'), payload
 # ('' for none), ledger ttl, N, N ledger field/increment values, then (only with a dead letter) the
 # dead-letter stream's MAXLEN and MINID, and the dead letter's field/value pairs.
 # The writes Redis may refuse for lack of memory (SET, XADD) come before every other write.
 FINISH_SCRIPT = """
-local jobs, result, dead, ledger = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local jobs, result, dead, ledger, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, me, id = ARGV[1], ARGV[2], ARGV[3]
 local attempt, ttl, channel, tenant = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
 local payload = ARGV[9]
@@ -66,7 +68,7 @@ if store then
 end
 if store then
   redis.call('SET', result, payload, 'EX', ttl)
-  if ledger ~= '' then  -- counted with the stored outcome, so never twice and never lost
+  if ledger ~= jobs then  -- counted with the stored outcome, so never twice and never lost
     for i = 12, counted - 1, 2 do redis.call('HINCRBY', ledger, ARGV[i], ARGV[i + 1]) end
     redis.call('EXPIRE', ledger, ARGV[10])
   end
@@ -79,6 +81,7 @@ if publish then redis.call('PUBLISH', channel, payload) end
 if owner then
   redis.call('XACK', jobs, group, id)
   redis.call('XDEL', jobs, id)
+  if running ~= jobs then redis.call('ZREM', running, id) end
 end
 if publish or payload == '' then return 'finished' end
 return 'superseded'

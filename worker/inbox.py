@@ -50,6 +50,7 @@ class Ack:
     group: str
     consumer: str
     entry_id: bytes
+    running: str = ""  # the tenant's set of running jobs, for a job taken from the waiting room
 
 
 @dataclass(slots=True, eq=False)
@@ -88,9 +89,10 @@ class Inbox:
         target: str,
         lane: Lane = Lane.INTERACTIVE,
         slots: Slots | None = None,
+        stream: str | None = None,
     ) -> None:
         self.lane = lane
-        self.stream = lane.stream(keys)
+        self.stream = stream or lane.stream(keys)
         self.slots = slots or Slots(limits.concurrency, batch_share=0)
         self.redis = redis
         self.reader = reader
@@ -126,7 +128,7 @@ class Inbox:
                 if self._check_now or loop.time() >= next_round:
                     next_round = loop.time() + jittered(self.limits.round_s)
                     batch = await self._round()
-                elif self.free > 0 and self.may_take():
+                elif self._can_read():
                     batch = await self._read_new()
                 else:
                     await self._wait_for_room(next_round - loop.time())
@@ -143,11 +145,21 @@ class Inbox:
 
     # ---- the three sources -------------------------------------------------------------------
 
+    def _can_read(self) -> bool:
+        return self.free > 0 and self.may_take()
+
     async def _read_new(self) -> list[Delivery]:
         asked = self.free
+        entries = await self._xread(asked)
+        got = [self._hand_out(entry_id, fields, 1) for entry_id, fields in entries]
+        self.slots.saw(self.lane, asked, len(got))
+        return got
+
+    async def _xread(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """New entries of the stream, blocking a while for them; none when Redis failed."""
         try:
             response = await self.reader.xreadgroup(
-                self.keys.group, self.consumer, {self.stream: ">"}, count=asked, block=self.limits.block_ms
+                self.keys.group, self.consumer, {self.stream: ">"}, count=count, block=self.limits.block_ms
             )
         except ResponseError as exc:
             await self._on_group_error(exc)
@@ -157,10 +169,7 @@ class Inbox:
             await self._redis_down("read", exc)
             return []
         self._backoff.reset()
-        entries = cast(StreamResponse, response or [])
-        got = [self._hand_out(entry_id, fields, 1) for _stream, batch in entries for entry_id, fields in batch]
-        self.slots.saw(self.lane, asked, len(got))
-        return got
+        return [entry for _stream, batch in cast(StreamResponse, response or []) for entry in batch]
 
     async def _round(self) -> list[Delivery]:
         """Check this consumer's own pending list, then claim dead workers' entries into free slots."""
@@ -220,11 +229,14 @@ class Inbox:
     # ---- slots ---------------------------------------------------------------------------------
 
     def _hand_out(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Delivery:
-        ack = Ack(self.stream, self.keys.group, self.consumer, entry_id)
+        ack = Ack(self.stream, self.keys.group, self.consumer, entry_id, self._running_set(fields))
         delivery = Delivery(ack, fields or {}, deliveries, lambda: self._release(entry_id), lambda: self._owner(entry_id))
         self._held[entry_id] = delivery
         self.slots.take(self.lane)
         return delivery
+
+    def _running_set(self, fields: dict[bytes, bytes]) -> str:
+        return ""
 
     def _release(self, entry_id: bytes) -> None:
         if self._held.pop(entry_id, None) is not None:

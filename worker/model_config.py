@@ -51,6 +51,9 @@ class TenantLimits:
     """What one tenant may spend (the ``tenants:`` section; ``default`` for those not named)."""
 
     daily_budget_usd: float | None = None
+    max_in_flight: int | None = None  # across the pool
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,7 @@ def parse_model_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = N
                        _parse_tenants(raw.get("tenants")))
 
 
-TENANT_KEYS = ("daily_budget_usd",)
+TENANT_KEYS = ("daily_budget_usd", "max_in_flight", "rpm", "tpm")
 
 
 def _parse_tenants(section: Any) -> dict[str, TenantLimits]:
@@ -139,7 +142,11 @@ def _parse_tenants(section: Any) -> dict[str, TenantLimits]:
         budget = limits.get("daily_budget_usd")
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget < 0):
             raise ConfigError(f"tenant `{name}`: `daily_budget_usd` must be a number ≥ 0")
-        tenants[str(name)] = TenantLimits(float(budget) if budget is not None else None)
+        counts = {key: limits.get(key) for key in ("max_in_flight", "rpm", "tpm")}
+        for key, value in counts.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"tenant `{name}`: `{key}` must be an integer ≥ 1 (or null for no limit)")
+        tenants[str(name)] = TenantLimits(float(budget) if budget is not None else None, **counts)
     return tenants
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -77,10 +77,14 @@ async def gather_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
 
 async def lane_figures(redis: aioredis.Redis, keys: Keys, lane: str, stream: str) -> dict[str, Any]:
     figures: dict[str, Any] = {"lane": lane, "length": int(await redis.xlen(stream)), "lag": None, "pending": 0,
-                               "oldest_pending_s": None}
+                               "oldest_pending_s": None, "waiting": 0, "taken": 0}
     with contextlib.suppress(aioredis.ResponseError):  # no group yet
         lag, pending, oldest_s = await group_figures(redis, stream, keys.group)
         figures.update(lag=lag, pending=pending, oldest_pending_s=round(oldest_s, 1) if oldest_s is not None else None)
+    with contextlib.suppress(aioredis.ResponseError):  # the waiting room: jobs in tenants' queues, and taken ones running
+        tenants = cast(list[bytes], await redis.zrange(keys.waiting(lane), 0, -1))
+        figures["waiting"] = sum([int(await redis.llen(keys.wait(lane, t.decode()))) for t in tenants], 0)
+        figures["taken"] = int((await redis.xpending(keys.run(lane), keys.group))["pending"])
     return figures
 
 

@@ -29,6 +29,8 @@ WORKER_COMMANDS: Final = (
     "xgroup|create", "xgroup|delconsumer", "xinfo|consumers", "xinfo|groups",
     "publish", "subscribe", "unsubscribe", "evalsha", "script|load",
     "incrbyfloat", "ttl", "ping", "info",  # litellm's router state, shared through Redis
+    "rpush", "lpop", "lindex", "llen", "zadd", "zrem", "zrange", "zcard", "zremrangebyscore", "incr", "incrby",
+    "multi", "exec",  # the tenants' waiting room
 )
 #: What an orchestrator's ``LLMClient`` runs (``usage()`` needs scan and hgetall).
 CLIENT_COMMANDS: Final = (
@@ -38,7 +40,7 @@ CLIENT_COMMANDS: Final = (
 #: What the operator's commands run (status, health, usage, dead).
 OPERATOR_COMMANDS: Final = (
     "get", "scan", "hgetall", "xlen", "xinfo|groups", "xpending", "xrange", "xrevrange",
-    "xadd", "xdel", "xtrim", "del", "multi", "exec",
+    "xadd", "xdel", "xtrim", "del", "multi", "exec", "zrange", "llen",
 )
 ROLES: Final = {"worker": WORKER_COMMANDS, "client": CLIENT_COMMANDS, "operator": OPERATOR_COMMANDS}
 
@@ -71,6 +73,8 @@ def _probes(keys: Keys, consumer: str) -> dict[str, tuple[str | int, ...]]:
     probe = "permission-probe"
     result, flag, ledger, beat = keys.result(probe), keys.cancel_flag(probe), keys.usage(probe, "1970-01-01"), keys.worker(probe)
     jobs, group, router = keys.jobs, keys.group, f"{keys.prefix}:router:{probe}"
+    queue, waiting, running, counter = (keys.wait("interactive", probe), keys.waiting("interactive"),
+                                        keys.tenant(probe) + "running", keys.tenant(probe) + "rpm:0")
     return {
         "get": ("GET", result), "set": ("SET", result, "v"), "mget": ("MGET", result, flag),
         "exists": ("EXISTS", beat), "del": ("DEL", beat), "pexpire": ("PEXPIRE", beat, 1000),
@@ -86,6 +90,10 @@ def _probes(keys: Keys, consumer: str) -> dict[str, tuple[str | int, ...]]:
         "publish": ("PUBLISH", keys.reply(probe), "m"), "subscribe": ("SUBSCRIBE", keys.cancel),
         "unsubscribe": ("UNSUBSCRIBE", keys.cancel),
         "incrbyfloat": ("INCRBYFLOAT", router, 1), "ttl": ("TTL", router), "ping": ("PING",), "info": ("INFO",),
+        "rpush": ("RPUSH", queue, "v"), "lpop": ("LPOP", queue), "lindex": ("LINDEX", queue, 0), "llen": ("LLEN", queue),
+        "zadd": ("ZADD", waiting, 1, "t"), "zrem": ("ZREM", waiting, "t"), "zrange": ("ZRANGE", waiting, 0, -1),
+        "zcard": ("ZCARD", running), "zremrangebyscore": ("ZREMRANGEBYSCORE", running, "-inf", 0),
+        "incr": ("INCR", counter), "incrby": ("INCRBY", counter, 1), "multi": ("MULTI",), "exec": ("EXEC",),
     }
 
 

@@ -216,8 +216,10 @@ class Publisher:
         result_key = self.keys.result(outcome.request_id) if outcome.request_id else self.keys.dead
         channel = self.keys.reply(outcome.request_id) if outcome.request_id else ""
         args = outcome.script_args(channel, self.result_ttl_s, item.payload, self.dead_bounds)
-        ledger = outcome.ledger.key if outcome.ledger is not None else ""
-        pipe.evalsha(self._script.sha, 4, outcome.ack.stream, result_key, self.keys.dead, ledger, *args)
+        none = outcome.ack.stream  # a key not needed is named as the jobs stream (see FINISH_SCRIPT)
+        ledger = outcome.ledger.key if outcome.ledger is not None else none
+        pipe.evalsha(self._script.sha, 5, outcome.ack.stream, result_key, self.keys.dead, ledger, outcome.ack.running or none,
+                     *args)
         return len(pipe.command_stack) - 1
 
     async def _settle(self, item: _Unwritten, result: Any) -> None:

@@ -10,6 +10,7 @@ the job over (its lease was lost); or silently at shutdown, leaving the job pend
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections.abc import Coroutine
@@ -19,6 +20,7 @@ from typing import Any, cast
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import RedisError
 
 from contracts import (
     Done,
@@ -324,7 +326,8 @@ class JobRunner:
     def _dead_letter(self, delivery: Delivery, code: ErrorCode, text: str) -> DeadLetter:
         log.warning("job dead-lettered", entry_id=delivery.entry_id.decode(), code=code.value, attempts=delivery.deliveries,
                     reason=text)
-        lane = "batch" if delivery.ack.stream == self.publisher.keys.batch else "interactive"
+        keys = self.publisher.keys
+        lane = "batch" if delivery.ack.stream in (keys.batch, keys.run("batch")) else "interactive"
         return DeadLetter(delivery.fields.get(b"job"), code, text, delivery.deliveries, self.consumer,
                           self.settings.max_job_bytes, lane)
 
@@ -341,9 +344,22 @@ class JobRunner:
             self.stats.failed += 1
         elif not isinstance(message, bytes):
             self.stats.completed += 1
+            if delivery.ack.running and self.router.config.limits(outcome.tenant_id or "").tpm:
+                await self._count_tokens(outcome.tenant_id or "", message.usage.prompt_tokens + message.usage.completion_tokens)
             log.info("job done", attempt=outcome.attempt, chunks=reply.seq if reply else 0,
                      usage=msgspec.structs.asdict(message.usage), cost_usd=message.cost_usd,
                      model=message.model, provider_model=message.provider_model)
+
+    async def _count_tokens(self, tenant_id: str, tokens: int) -> None:
+        """A tenant's tokens this minute, for the waiting room's ``tpm`` limit. Counted after the
+        outcome is stored, apart from it: a count lost to a crash loosens a rate limit a little,
+        and never bills anyone."""
+        key = f"{self.publisher.keys.tenant(tenant_id)}tpm:{int(time.time() // 60)}"
+        with contextlib.suppress(*REDIS_DOWN, RedisError):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.incrby(key, tokens)
+            pipe.expire(key, 120)
+            await pipe.execute()
 
     # ---- stopping runs ------------------------------------------------------------------------------
 

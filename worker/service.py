@@ -21,6 +21,7 @@ from worker import __version__
 from worker.backoff import Stopped, until_redis
 from worker.cancellation import CancelListener
 from worker.connections import connect, consumer_name, ensure_group, redis_target
+from worker.fairness import ParkingInbox, TakingInbox, WaitingRoom, limits_table
 from worker.heartbeat import HeartbeatKeeper
 from worker.inbox import Inbox, InboxLimits
 from worker.lanes import Lane, Slots, merged
@@ -53,11 +54,9 @@ class Worker:
         self.runner = JobRunner(settings, router, self.publisher, self.redis, self.consumer, self._stopping, self.target,
                                 self.metrics)
         self.slots = Slots(settings.concurrency, settings.batch_share)
-        self.inbox, self.batch_inbox = (
-            Inbox(self.redis, reader, self.keys, self.consumer, self._limits(), self._stopping, self.target, lane, self.slots)
-            for reader, lane in ((self.reader, Lane.INTERACTIVE), (self.batch_reader, Lane.BATCH))
-        )
-        for inbox in (self.inbox, self.batch_inbox):
+        self.inboxes = self._inboxes()
+        self.inbox = self.inboxes[0]
+        for inbox in self.inboxes:
             inbox.on_lost = self.runner.lose
             inbox.may_take = lambda: self.publisher.refused_since is None
             inbox.on_redis_error = lambda during: self.metrics.redis_errors.labels(during).inc()
@@ -66,6 +65,20 @@ class Worker:
         self.metrics.in_flight.set_function(lambda: self.slots.in_use)
         self.heartbeat = HeartbeatKeeper(self.redis, self.keys.worker(self.consumer), settings.heartbeat_s, self._beat)
         self.cancels = CancelListener(self.redis, self.keys.cancel, self.runner.cancel)
+
+    def _inboxes(self) -> list[Inbox]:
+        """One inbox per lane; with tenants (the waiting room), two per lane: one parks what the
+        lane's stream brings, the other takes jobs in turn into free slots."""
+        common = (self.keys, self.consumer, self._limits(), self._stopping, self.target)
+        readers = {Lane.INTERACTIVE: self.reader, Lane.BATCH: self.batch_reader}
+        if not self.router.config.tenants:
+            return [Inbox(self.redis, readers[lane], *common, lane, self.slots) for lane in Lane]
+        inboxes: list[Inbox] = []
+        for lane in Lane:
+            room = WaitingRoom(self.redis, self.keys, lane.value, self.consumer, int(self._limits().stale_after_s * 1000))
+            inboxes += [TakingInbox(self.redis, self.redis, *common, lane, self.slots, room=room),
+                        ParkingInbox(self.redis, readers[lane], *common, lane, self.slots, room=room)]
+        return inboxes
 
     def _limits(self) -> InboxLimits:
         s = self.settings
@@ -110,7 +123,7 @@ class Worker:
         if ready is not None:
             await ready()
         try:
-            async for batch in merged([self.inbox.batches(), self.batch_inbox.batches()]):
+            async for batch in merged([inbox.batches() for inbox in self.inboxes]):
                 await self.runner.admit(batch)
             await self.runner.drain(self.settings.shutdown_grace_s)
         finally:
@@ -121,7 +134,12 @@ class Worker:
     async def _announce_limits(self) -> None:
         """The lanes' backlog limits, for clients to enforce as they enqueue (CONTRACT.md §1)."""
         limits = {"max_backlog:interactive": self.settings.max_backlog, "max_backlog:batch": self.settings.max_batch_backlog}
-        await self.redis.hset(self.keys.lanes_config, mapping=limits)  # type: ignore[arg-type]
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.lanes_config, mapping=limits)  # type: ignore[arg-type]
+        if self.router.config.tenants:  # the tenants' limits as the waiting room reads them, replaced whole
+            pipe.delete(self.keys.tenant_limits)
+            pipe.hset(self.keys.tenant_limits, mapping=limits_table(self.router.config.tenants))  # type: ignore[arg-type]
+        await pipe.execute()
 
     async def _check_access(self) -> None:
         await check_worker_access(self.redis, self.keys, self.consumer)
