@@ -191,8 +191,8 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
         proc.wait(timeout=60)
 
 
-def job_bytes(prefix: str, rid: str, text: str, stream: bool, model: str = "bench") -> bytes:
-    return json.dumps({"request_id": rid, "tenant_id": "bench", "model": model, "stream": stream,
+def job_bytes(prefix: str, rid: str, text: str, stream: bool, model: str = "bench", tenant: str = "bench") -> bytes:
+    return json.dumps({"request_id": rid, "tenant_id": tenant, "model": model, "stream": stream,
                        "messages": [{"role": "user", "content": text}]}).encode()
 
 
@@ -351,6 +351,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         if not args.quick:  # eight more worker start-ups: not for the check that the bench runs
             results["variants_non_stream_vs_default"] = await variants(env, redis, pool, c, n)
+            results["fairness_one_job_wait_s"] = await fairness(env, redis, pool)
 
         scale: dict[str, float] = {}
         for workers in args.workers:
@@ -392,7 +393,7 @@ async def variants(env: Bench, redis: aioredis.Redis, pool: Any, c: int, n: int)
     tenants.write_text(yaml.safe_dump({**yaml.safe_load(env.config.read_text()),
                                        "tenants": {"default": {"daily_budget_usd": 1_000_000}}}))
     settings = {"shared_router_state_off": {"LLM_WORKER_SHARED_ROUTER_STATE": "false"},
-                "tenant_budget_checked": {"LLM_WORKER_CONFIG": str(tenants)}}
+                "tenants_configured": {"LLM_WORKER_CONFIG": str(tenants)}}
     ratios = {}
     for name, extra in settings.items():
         print(f"variant {name} …", file=sys.stderr)
@@ -406,6 +407,37 @@ async def variants(env: Bench, redis: aioredis.Redis, pool: Any, c: int, n: int)
                 stop_workers(procs)
         ratios[name] = sum(rates[name]) / sum(rates["default"])
     return ratios
+
+
+FLOOD = 1000
+
+
+async def fairness(env: Bench, redis: aioredis.Redis, pool: Any) -> dict[str, dict[str, float]]:
+    """One tenant's single job: how long it waits for its answer on an idle pool, and behind
+    another tenant's 1,000 queued jobs; with the waiting room (a ``tenants:`` section) and without."""
+    tenants = env.tmp / "fair.yaml"
+    tenants.write_text(yaml.safe_dump({**yaml.safe_load(env.config.read_text()), "tenants": {"default": {}}}))
+    figures = {}
+    for mode, extra in (("waiting_room", {"LLM_WORKER_CONFIG": str(tenants)}), ("arrival_order", {})):
+        print(f"fairness, {mode} …", file=sys.stderr)
+        prefix, procs, sub = await pool(2, LLM_WORKER_CONCURRENCY="4", **extra)
+        idle = sorted([await one_job_wait(redis, sub, prefix, f"idle-{i}") for i in range(5)])
+        pipe = redis.pipeline(transaction=False)
+        for i in range(FLOOD):  # 100 ms each on 8 slots: 12.5 s of work
+            pipe.xadd(f"{prefix}:jobs", {"job": job_bytes(prefix, f"flood-{i}", "flood #tokens=5 #slow=20", False, tenant="flood")})
+        await pipe.execute()
+        await asyncio.sleep(0.3)
+        behind = await one_job_wait(redis, sub, prefix, "behind")
+        await sub.stop()
+        stop_workers(procs)
+        figures[mode] = {"idle": idle[len(idle) // 2], f"behind_{FLOOD}": behind}
+    return figures
+
+
+async def one_job_wait(redis: aioredis.Redis, sub: Subscriber, prefix: str, rid: str) -> float:
+    pending = sub.waiting[rid] = Pending(time.perf_counter())
+    await redis.xadd(f"{prefix}:jobs", {"job": job_bytes(prefix, rid, "one #tokens=5 #slow=20", False, tenant="single")})
+    return (await asyncio.wait_for(pending.done, 120)) - pending.sent
 
 
 async def memory(redis: aioredis.Redis, pool: Any, streams: int) -> dict[str, Any]:
@@ -469,6 +501,9 @@ def table(r: dict[str, Any]) -> str:
         rows.append((f"RSS per in-flight stream ({m['streams']})", "", f"{m['kib_per_stream']:.1f} KiB", f"first wave {m['first_wave_kib_per_stream']:.0f} KiB", "≤ 50 KiB"))
     for name, ratio in r.get("variants_non_stream_vs_default", {}).items():
         rows.append((f"non-stream jobs/s, {name.replace('_', ' ')}", "", "", f"{ratio:.2f}× of default", "≥ 0.9×"))
+    for mode, waits in r.get("fairness_one_job_wait_s", {}).items():
+        rows.append((f"one job's wait, {mode.replace('_', ' ')}", "", f"idle {waits['idle']:.2f} s",
+                     f"behind {FLOOD} of another tenant's: {waits[f'behind_{FLOOD}']:.2f} s", "≈ one job" if mode == "waiting_room" else ""))
     rows.append(("start-up to first job served", "", f"{r['startup_to_first_job_s']:.2f} s",
                  f"import litellm {r['startup_import_litellm_s']:.2f} s", "≤ 3 s"))
     widths = [max(len(str(row[i])) for row in [*rows, ("figure", "bare litellm", "worker", "ratio / added", "target")]) for i in range(5)]

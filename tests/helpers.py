@@ -92,3 +92,17 @@ def most_open_at_once(calls: list[dict[str, Any]]) -> int:
         now += step
         most = max(most, now)
     return most
+
+
+async def until_stored(client: LLMClient, request_id: str, timeout: float = 20.0) -> None:
+    """Wait for a job's stored outcome (CONTRACT.md §3)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if await client.stored_outcome(request_id) is not None:
+                return
+        except (aioredis.ConnectionError, OSError):
+            pass  # Redis restarting: ask again
+        if time.monotonic() > end:
+            raise AssertionError(f"{request_id} never answered")
+        await asyncio.sleep(0.05)

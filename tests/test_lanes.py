@@ -10,7 +10,7 @@ import pytest
 from client import LLMClient, QueueFull
 from contracts import Job
 from tests.conftest import RunningWorker, StandIn
-from tests.helpers import marker, most_open_at_once, user
+from tests.helpers import marker, most_open_at_once, until_stored, user
 
 
 async def test_interactive_jobs_go_first_and_batch_keeps_its_share(
@@ -63,17 +63,10 @@ async def test_a_full_lane_refuses_new_jobs_and_takes_them_again_once_drained(
         await client.complete("openai", user("refused"), tenant_id="t", timeout=5)
     async with RunningWorker(limited, router):
         for job in jobs:
-            await _until_stored(client, job.request_id)
+            await until_stored(client, job.request_id)
         answer = await client.complete("openai", user("taken again"), tenant_id="t", timeout=30)
     assert answer.content == "taken again"
 
-
-async def _until_stored(client: LLMClient, request_id: str) -> None:
-    for _ in range(200):
-        if await client.stored_outcome(request_id) is not None:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{request_id} never answered")
 
 
 async def test_an_unknown_lane_is_refused_before_anything_is_sent(client: LLMClient) -> None:

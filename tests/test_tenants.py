@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import yaml
 from client import JobFailed, LLMClient
 from contracts import ErrorCode, Job, decode_reply
 from tests.conftest import StandIn
-from tests.helpers import marker, most_open_at_once, user
+from tests.helpers import marker, most_open_at_once, until_stored, user
 from worker.model_config import check_model_config
 
 
@@ -135,7 +136,7 @@ async def test_waiting_jobs_survive_a_worker_killed(
     await asyncio.sleep(0.8)
     workers[0].proc.kill()
     for job in jobs:
-        await _until_stored(client, job.request_id)
+        await until_stored(client, job.request_id)
     calls = collections.Counter(c["text"].split(".")[0] for c in standin.calls_with(mark))
     assert len(calls) == 12 and max(calls.values()) <= 2
     assert await redis.keys(f"{client.keys.prefix}:wait:*") == [], "no job left waiting"
@@ -143,9 +144,25 @@ async def test_waiting_jobs_survive_a_worker_killed(
         assert (await redis.xpending(stream, client.keys.group))["pending"] == 0
 
 
-async def _until_stored(client: LLMClient, request_id: str) -> None:
-    for _ in range(400):
-        if await client.stored_outcome(request_id) is not None:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{request_id} never answered")
+
+async def test_waiting_jobs_survive_a_redis_restart(
+    spawn_worker: Any, client: LLMClient, redis: aioredis.Redis, redis_server: Any, config_path: Path, standin: StandIn,
+    tmp_path: Path,
+) -> None:
+    await pool_of(spawn_worker, tenants_config(config_path, tmp_path, {"default": {"max_in_flight": 1}}))
+    mark = marker()
+    jobs = [Job(request_id=f"{mark}-{i}", tenant_id="t", model="openai", messages=user(f"{mark} {i}. #tokens=4 #slow=50"))
+            for i in range(8)]
+    for job in jobs:
+        await client.enqueue(job)
+    await asyncio.sleep(0.5)
+    assert await redis.llen(client.keys.wait("interactive", "t")) >= 4, "most of them wait their turn"
+    await asyncio.to_thread(redis_server.stop)  # SIGTERM: with AOF (appendfsync always) nothing written is lost
+    await asyncio.to_thread(redis_server.start)
+    with contextlib.suppress(aioredis.ConnectionError):
+        await redis.ping()  # its connection died with the server: the next command opens a new one
+    for job in jobs:
+        await until_stored(client, job.request_id, timeout=40)
+    calls = collections.Counter(c["text"].split(".")[0] for c in standin.calls_with(mark))
+    assert len(calls) == 8 and max(calls.values()) <= 2
+    assert await redis.keys(f"{client.keys.prefix}:wait:*") == []
