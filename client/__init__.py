@@ -18,7 +18,7 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -82,8 +82,12 @@ class _ReplyHub:
         await confirmed
         return queue
 
-    async def close(self, channel: str) -> None:
+    async def close(self, channel: str, queue: asyncio.Queue[bytes]) -> None:
+        """Stop reading ``channel`` for the request that opened ``queue``; a later request that
+        opened the same channel again (a resume) keeps it."""
         key = channel.encode()
+        if self._queues.get(key) is not queue:
+            return
         self._queues.pop(key, None)
         self._confirmed.pop(key, None)
         async with self._lock:
@@ -205,9 +209,38 @@ class LLMClient:
                     if answered:
                         return
         finally:
-            if not answered:
+            if not answered and not job.resumable:  # a resumable job runs on, for whoever resumes it
                 await self._give_up(job.request_id)
-            await self._hub.close(channel)
+            await self._hub.close(channel, queue)
+
+    async def resume(self, request_id: str, after: tuple[int, int] = (0, 0), timeout: float = 600.0) -> AsyncIterator[Chunk | Done]:
+        """A resumable job's replies after ``after`` = (attempt, seq) of the last chunk seen: those
+        kept so far, then the live rest, with no gap and nothing twice (CONTRACT.md §2). As in
+        :meth:`stream`, a chunk of a higher attempt means the text so far is void. Leaving early
+        does not cancel the job."""
+        channel = self.keys.reply(request_id)
+        queue = await self._hub.open(channel)  # subscribed before reading what is kept: nothing falls between
+        try:
+            seen = _Seen()
+            seen.attempt, seen.seq = after
+            async for reply in self._kept_then_live(request_id, queue, timeout):
+                if not seen.fresh(reply):
+                    continue
+                if isinstance(reply, Error):
+                    raise JobFailed(reply)
+                yield Done(**msgspec.structs.asdict(reply), seq=0) if isinstance(reply, Result) else reply
+                if not isinstance(reply, Chunk):
+                    return
+        finally:
+            await self._hub.close(channel, queue)
+
+    async def _kept_then_live(self, request_id: str, queue: asyncio.Queue[bytes], timeout: float) -> AsyncIterator[Reply]:
+        kept = cast(list[tuple[bytes, dict[bytes, bytes]]], await self.redis.xrange(self.keys.chunks(request_id)))
+        for _entry_id, fields in kept:
+            with contextlib.suppress(InvalidMessage):
+                yield decode_reply(fields[b"m"])
+        async for reply in self._wait(request_id, queue, timeout):
+            yield reply
 
     async def _wait(self, request_id: str, queue: asyncio.Queue[bytes], timeout: float) -> AsyncIterator[Reply]:
         """Messages of the channel, and the stored outcome whenever the channel stays quiet."""
@@ -274,14 +307,17 @@ class LLMClient:
         deadline_ms: int | None = None,
         timeout: float = 600.0,
         priority: str = "interactive",
+        resumable: bool = False,
     ) -> AsyncIterator[Chunk | Done]:
         """Chunks as they arrive, then ``Done``; raises :class:`JobFailed` on an ``error`` reply.
 
         When a chunk's ``attempt`` is higher than the one before, the job started again after a
         failure: discard the text received so far. Without ``deadline_ms`` the job's deadline is
-        now + ``timeout``; leaving the loop early cancels the job.
+        now + ``timeout``; leaving the loop early cancels the job, unless it is ``resumable``: then
+        its replies are kept too, and :meth:`resume` picks them up where a reader left off.
         """
-        job = make_job(model, messages, tenant_id, request_id, tools, params, deadline_ms or _deadline(timeout), stream=True)
+        job = make_job(model, messages, tenant_id, request_id, tools, params, deadline_ms or _deadline(timeout), stream=True,
+                       resumable=resumable)
         async with contextlib.aclosing(self.replies(job, timeout, priority)) as replies:
             async for reply in replies:
                 if isinstance(reply, Error):
@@ -302,6 +338,7 @@ def make_job(
     deadline_ms: int | None,
     *,
     stream: bool,
+    resumable: bool = False,
 ) -> Job:
     return Job(
         request_id=request_id or uuid.uuid4().hex,
@@ -312,6 +349,7 @@ def make_job(
         tools=[dict(t) for t in tools] if tools else None,
         params=params,
         deadline_ms=deadline_ms,
+        resumable=resumable,
     )
 
 

@@ -4,6 +4,7 @@ Importing this package pulls in msgspec and nothing else.
 """
 
 from contracts.messages import (
+    CHUNK_LOG_MAX,
     CONTRACT_VERSION,
     DEAD_LETTER_CODES,
     DEFAULT_MAX_JOB_BYTES,
@@ -35,6 +36,7 @@ from contracts.messages import (
 )
 
 __all__ = [
+    "CHUNK_LOG_MAX",
     "CONTRACT_VERSION",
     "DEAD_LETTER_CODES",
     "DEFAULT_MAX_JOB_BYTES",

@@ -81,6 +81,7 @@ class Job(msgspec.Struct, omit_defaults=True):
     tools: list[dict[str, Any]] | None = None
     params: Params | None = None
     deadline_ms: int | None = None
+    resumable: bool = False  # added after the first v1 page: replies also kept in {p}:chunks:{request_id}
 
     def __post_init__(self) -> None:
         for i, message in enumerate(self.messages):
@@ -313,6 +314,9 @@ def is_terminal(message: Reply) -> bool:
 # ---- keys -----------------------------------------------------------------------------------
 
 
+#: The most entries a resumable job's reply stream keeps (approximately, as XADD MAXLEN ~ does).
+CHUNK_LOG_MAX: Final = 10_000
+
 #: The lanes of §1, most urgent first.
 LANES: Final = ("interactive", "batch")
 
@@ -363,6 +367,10 @@ class Keys:
 
     def result(self, request_id: str) -> str:
         return f"{self.prefix}:result:{request_id}"
+
+    def chunks(self, request_id: str) -> str:
+        """A resumable job's replies, kept as a stream (§2, resumable streams)."""
+        return f"{self.prefix}:chunks:{request_id}"
 
     def cancel_flag(self, request_id: str) -> str:
         return f"{self.prefix}:cancel:{request_id}"

@@ -393,16 +393,19 @@ async def variants(env: Bench, redis: aioredis.Redis, pool: Any, c: int, n: int)
     tenants.write_text(yaml.safe_dump({**yaml.safe_load(env.config.read_text()),
                                        "tenants": {"default": {"daily_budget_usd": 1_000_000}}}))
     settings = {"shared_router_state_off": {"LLM_WORKER_SHARED_ROUTER_STATE": "false"},
-                "tenants_configured": {"LLM_WORKER_CONFIG": str(tenants)}}
+                "tenants_configured": {"LLM_WORKER_CONFIG": str(tenants)},
+                "resumable_streams_tokens": {"LLM_WORKER_RESUMABLE_STREAMS": "true"}}  # tokens/s of 200-token streams
     ratios = {}
     for name, extra in settings.items():
         print(f"variant {name} …", file=sys.stderr)
+        streams = name.endswith("_tokens")
         rates: dict[str, list[float]] = {"default": [], name: []}
         for _ in range(2):
             for label, worker_env in (("default", {}), (name, extra)):
                 prefix, procs, sub = await pool(1, **worker_env)
-                await through_workers(redis, sub, prefix, 4, 20, False, 5)
-                rates[label].append((await through_workers(redis, sub, prefix, c, n, False, 20)).per_s)
+                await through_workers(redis, sub, prefix, 4, 20, streams, 5)
+                run = await through_workers(redis, sub, prefix, c, max(n // 4, 20) if streams else n, streams, 200 if streams else 20)
+                rates[label].append(run.tokens_per_s if streams else run.per_s)
                 await sub.stop()
                 stop_workers(procs)
         ratios[name] = sum(rates[name]) / sum(rates["default"])
@@ -500,7 +503,8 @@ def table(r: dict[str, Any]) -> str:
         m = r["memory"]
         rows.append((f"RSS per in-flight stream ({m['streams']})", "", f"{m['kib_per_stream']:.1f} KiB", f"first wave {m['first_wave_kib_per_stream']:.0f} KiB", "≤ 50 KiB"))
     for name, ratio in r.get("variants_non_stream_vs_default", {}).items():
-        rows.append((f"non-stream jobs/s, {name.replace('_', ' ')}", "", "", f"{ratio:.2f}× of default", "≥ 0.9×"))
+        what = "tokens/s, resumable streams" if name == "resumable_streams_tokens" else f"non-stream jobs/s, {name.replace('_', ' ')}"
+        rows.append((what, "", "", f"{ratio:.2f}× of default", "≥ 0.9×"))
     for mode, waits in r.get("fairness_one_job_wait_s", {}).items():
         rows.append((f"one job's wait, {mode.replace('_', ' ')}", "", f"idle {waits['idle']:.2f} s",
                      f"behind {FLOOD} of another tenant's: {waits[f'behind_{FLOOD}']:.2f} s", "≈ one job" if mode == "waiting_room" else ""))

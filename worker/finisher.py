@@ -24,19 +24,19 @@ from enum import StrEnum
 
 from redis.typing import EncodableT
 
-from contracts import Done, Terminal, encode
+from contracts import CHUNK_LOG_MAX, Done, Terminal, encode
 from worker.inbox import Ack
 from worker.ledger import LedgerEntry
 
 # KEYS: jobs stream, result key, dead-letter stream, usage ledger, the tenant's set of running jobs
-# (the waiting room's). A key not needed is given as the jobs stream again: every key must be a
+# (the waiting room's), a resumable job's reply stream. A key not needed is given as the jobs stream again: every key must be a
 # name under the prefix, or an ACL user limited to the prefix is refused the whole script.
 # ARGV: group, consumer, entry id, attempt, ttl, reply channel, tenant, store ('1' or '0'), payload
 # ('' for none), ledger ttl, N, N ledger field/increment values, then (only with a dead letter) the
 # dead-letter stream's MAXLEN and MINID, and the dead letter's field/value pairs.
 # The writes Redis may refuse for lack of memory (SET, XADD) come before every other write.
-FINISH_SCRIPT = """
-local jobs, result, dead, ledger, running = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+FINISH_SCRIPT = f"local LOG_MAX = {CHUNK_LOG_MAX}\n" + """
+local jobs, result, dead, ledger, running, log = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local group, me, id = ARGV[1], ARGV[2], ARGV[3]
 local attempt, ttl, channel, tenant = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
 local payload = ARGV[9]
@@ -77,7 +77,13 @@ if #ARGV > counted + 1 then  -- the dead-letter stream is bounded by count and b
   redis.call('XADD', dead, 'MAXLEN', ARGV[counted], '*', unpack(ARGV, counted + 2))
   redis.call('XTRIM', dead, 'MINID', ARGV[counted + 1])
 end
-if publish then redis.call('PUBLISH', channel, payload) end
+if publish then
+  if log ~= jobs then
+    redis.call('XADD', log, 'MAXLEN', '~', LOG_MAX, '*', 'm', payload)
+    redis.call('EXPIRE', log, ttl)
+  end
+  redis.call('PUBLISH', channel, payload)
+end
 if owner then
   redis.call('XACK', jobs, group, id)
   redis.call('XDEL', jobs, id)
@@ -140,6 +146,7 @@ class Outcome:
     tenant_id: str | None = None
     store: bool = True  # False: publish only (the id's stored outcome belongs to another tenant)
     ledger: LedgerEntry | None = None  # what the job adds to its tenant's usage, once stored
+    log: str = ""  # a resumable job's reply stream, where the terminal message is kept too
 
     def payload(self, chunks_sent: int) -> bytes:
         message = self.message

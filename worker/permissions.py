@@ -36,6 +36,7 @@ WORKER_COMMANDS: Final = (
 CLIENT_COMMANDS: Final = (
     "xadd", "xgroup|create", "get", "set", "publish", "subscribe", "unsubscribe", "scan", "hgetall",
     "evalsha", "script|load", "hget", "xinfo|groups", "xlen",  # the enqueue script's backlog check
+    "xrange",  # resume() reads a resumable job's kept replies
 )
 #: What the operator's commands run (status, health, usage, dead).
 OPERATOR_COMMANDS: Final = (

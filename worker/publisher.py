@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoScriptError
 
-from contracts import Chunk, Keys, encode
+from contracts import CHUNK_LOG_MAX, Chunk, Keys, encode
 from worker.backoff import REDIS_DOWN, Backoff, describe
 from worker.finisher import FINISH_SCRIPT, Finish, Outcome
 
@@ -37,12 +37,15 @@ REFUSAL_REPORT_S = 10.0  # while Redis refuses outcomes, say so at ERROR this of
 class ReplyStream:
     """The replies of one attempt of one job."""
 
-    __slots__ = ("_notify", "_pending", "attempt", "channel", "request_id", "seq")
+    __slots__ = ("_notify", "_pending", "attempt", "channel", "log", "log_fresh", "request_id", "seq")
 
-    def __init__(self, request_id: str, attempt: int, channel: str, notify: Callable[[ReplyStream], None]) -> None:
+    def __init__(self, request_id: str, attempt: int, channel: str, notify: Callable[[ReplyStream], None],
+                 log: str = "") -> None:
         self.request_id = request_id
         self.attempt = attempt
         self.channel = channel
+        self.log = log  # a resumable job's reply stream: every chunk is also kept there
+        self.log_fresh = True  # its expiry is not set yet
         self.seq = 0
         self._pending: list[str] = []
         self._notify = notify
@@ -106,8 +109,9 @@ class Publisher:
 
     # ---- what the runner uses -----------------------------------------------------------------
 
-    def stream(self, request_id: str, attempt: int) -> ReplyStream:
-        return ReplyStream(request_id, attempt, self.keys.reply(request_id), self._mark)
+    def stream(self, request_id: str, attempt: int, resumable: bool = False) -> ReplyStream:
+        log = self.keys.chunks(request_id) if resumable else ""
+        return ReplyStream(request_id, attempt, self.keys.reply(request_id), self._mark, log)
 
     async def finish(self, outcome: Outcome, reply: ReplyStream | None) -> Finish:
         """Store, publish, dead-letter and acknowledge ``outcome`` after the chunks of ``reply``;
@@ -188,6 +192,11 @@ class Publisher:
         for reply in dirty:
             chunk = reply.take_chunk()
             if chunk is not None:
+                if reply.log:  # kept before it is published, so that a reader who saw it live finds it kept
+                    pipe.xadd(reply.log, {"m": chunk}, maxlen=CHUNK_LOG_MAX, approximate=True)
+                    if reply.log_fresh:
+                        pipe.expire(reply.log, self.result_ttl_s)
+                        reply.log_fresh = False
                 pipe.publish(reply.channel, chunk)
         positions = [self._queue(pipe, item) for item in due]
         if not pipe.command_stack:
@@ -218,8 +227,8 @@ class Publisher:
         args = outcome.script_args(channel, self.result_ttl_s, item.payload, self.dead_bounds)
         none = outcome.ack.stream  # a key not needed is named as the jobs stream (see FINISH_SCRIPT)
         ledger = outcome.ledger.key if outcome.ledger is not None else none
-        pipe.evalsha(self._script.sha, 5, outcome.ack.stream, result_key, self.keys.dead, ledger, outcome.ack.running or none,
-                     *args)
+        pipe.evalsha(self._script.sha, 6, outcome.ack.stream, result_key, self.keys.dead, ledger, outcome.ack.running or none,
+                     outcome.log or none, *args)
         return len(pipe.command_stack) - 1
 
     async def _settle(self, item: _Unwritten, result: Any) -> None:

@@ -138,7 +138,8 @@ class JobRunner:
             except InvalidJob as exc:
                 self._spawn(delivery, self._reject(delivery, exc))
                 continue
-            run = Run(job, delivery, self.publisher.stream(job.request_id, self.first_attempt(delivery.deliveries)))
+            resumable = job.resumable or self.settings.resumable_streams
+            run = Run(job, delivery, self.publisher.stream(job.request_id, self.first_attempt(delivery.deliveries), resumable))
             self._runs[delivery.entry_id] = run
             runs.append(run)
         if not runs:
@@ -197,7 +198,7 @@ class JobRunner:
                 self._runs.pop(run.delivery.entry_id, None)
             attempt = lookup.stored_attempt if isinstance(message, bytes) else run.reply.attempt
             outcome = Outcome(run.delivery.ack, job.request_id, attempt, message, run.dead, job.tenant_id, not run.private,
-                              self._ledger(job, message) if not run.private else None)
+                              self._ledger(job, message) if not run.private else None, "" if run.private else run.reply.log)
             await self._finish(run.delivery, outcome, run.reply, job.model)
 
     def _ledger(self, job: Job, message: Terminal | bytes) -> LedgerEntry | None:
@@ -274,7 +275,7 @@ class JobRunner:
             restarts -= 1  # only a stream that broke after chunks, with restarts left, gets here
             self.metrics.restarts.labels(group).inc()
             await self._keep_lease(run)
-            run.reply = self.publisher.stream(run.job.request_id, run.reply.attempt + 1)
+            run.reply = self.publisher.stream(run.job.request_id, run.reply.attempt + 1, bool(run.reply.log))
             log.warning("stream broke part-way; starting again", attempt=run.reply.attempt)
 
     def _timed(self, run: Run, started: float) -> OnText:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     max_batch_backlog: int = Field(
         default=1_000_000, ge=0, description="jobs waiting in the batch lane past which clients refuse new ones (0: no limit)"
     )
+    resumable_streams: bool = Field(
+        default=False, description="keep every job's replies in {prefix}:chunks:{request_id}, as if each job asked for it"
+    )
     batch_share: float = Field(
         default=0.1, ge=0, le=1, description="share of a worker's slots the batch lane may always use when it has work"
     )
