@@ -37,7 +37,7 @@ from tests.helpers import user
 
 pytestmark = pytest.mark.slow
 
-SECONDS = float(os.environ.get("LLM_POOL_SOAK_SECONDS", "20"))
+SECONDS = float(os.environ.get("LLM_POOL_SOAK_SECONDS", "15"))
 SEED = int(os.environ.get("LLM_POOL_SOAK_SEED", str(random.randrange(1_000_000))))
 REDIS_FAULTS = (ConnectionError, OSError, aioredis.RedisError)
 # group → most provider calls one delivery may make (flaky: a stream breaks and starts again; hangs: a
