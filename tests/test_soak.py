@@ -168,15 +168,24 @@ async def settle(soak: Soak, redis: aioredis.Redis, client: LLMClient, stall_s: 
         await asyncio.sleep(0.5)
 
 
+async def after_faults(read: Any) -> Any:
+    """A read that may first meet a connection the faults left dead (the pool opens a new one)."""
+    for _ in range(10):
+        with contextlib.suppress(*REDIS_FAULTS):
+            return await read()
+        await asyncio.sleep(0.2)
+    return await read()
+
+
 async def check_invariants(soak: Soak, redis: aioredis.Redis, client: LLMClient, standin: StandIn, tag: str) -> None:
     ids = sorted(soak.enqueued | soak.maybe)
-    stored = {r: decode_reply(v) for r, v in zip(ids, await redis.mget([client.keys.result(r) for r in ids]), strict=True)
-              if v is not None}
+    values = await after_faults(lambda: redis.mget([client.keys.result(r) for r in ids]))
+    stored = {r: decode_reply(v) for r, v in zip(ids, values, strict=True) if v is not None}
     assert soak.enqueued <= stored.keys(), "no enqueued job is lost"
     errors = Counter(o.code for o in stored.values() if isinstance(o, Error))
     assert errors["internal"] == 0, errors
     calls = Counter(c["text"].split(".")[0] for c in standin.calls() if (c.get("text") or "").startswith(tag + "-"))
     for request_id, count in calls.items():
         assert count <= GROUPS[soak.groups[request_id]] * 3, (request_id, count)  # three deliveries at most
-    ledger = sum(row.requests for row in await client.usage())
+    ledger = sum(row.requests for row in await after_faults(client.usage))
     assert ledger == len(stored), "each stored outcome counted once in the ledger"
