@@ -6,6 +6,7 @@ import os
 import secrets
 import socket
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -70,23 +71,26 @@ async def backlog(redis: aioredis.Redis, stream: str, group: str) -> int:
     """Entries of ``stream`` not yet delivered to any consumer. Answered entries are deleted, so
     where Redis cannot tell the group's lag, the stream's length less its pending entries is it."""
     try:
-        groups = await redis.xinfo_groups(stream)
+        found = await _group(redis, stream, group)
     except ResponseError:
         return 0  # no stream yet
-    found = next((g for g in groups if g.get("name") in (group, group.encode())), None)
-    if found is None:
+    if not found:
         return 0
     if found.get("lag") is not None:
         return int(found["lag"])
     return max(0, int(await redis.xlen(stream)) - int(found.get("pending") or 0))
 
 
+async def _group(redis: aioredis.Redis, stream: str, name: str) -> dict[str, Any]:
+    """The group's entry of XINFO GROUPS (empty when the stream has no such group)."""
+    groups = await redis.xinfo_groups(stream)
+    return next((g for g in groups if g.get("name") in (name, name.encode())), {})
+
+
 async def group_figures(redis: aioredis.Redis, stream: str, group_name: str) -> tuple[int | None, int, float | None]:
     """A lane's lag (entries not yet delivered; None before Redis 7), its pending entries, and
     the age in seconds of the oldest one (None when none is pending)."""
-    groups = await redis.xinfo_groups(stream)
-    group = next((g for g in groups if g.get("name") in (group_name, group_name.encode())), {})
-    lag = group.get("lag")
+    lag = (await _group(redis, stream, group_name)).get("lag")
     summary = await redis.xpending(stream, group_name)
     oldest = summary.get("min")
     age = time.time() - int(oldest.split(b"-")[0]) / 1000 if isinstance(oldest, bytes) else None

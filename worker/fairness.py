@@ -185,7 +185,7 @@ class ParkingInbox(Inbox):
         return self.may_take()
 
     async def _read_new(self) -> list[Delivery]:
-        entries = await self._xread(self.READAHEAD)
+        entries = await self._fetch(self.READAHEAD)
         now: list[Delivery] = []
         parked: list[tuple[bytes, str, int, bytes]] = []
         for entry_id, fields in entries:
@@ -210,27 +210,17 @@ class TakingInbox(Inbox):
     so leases, reclaims, lost jobs and the finisher work on it as on any stream."""
 
     IDLE_LOOK_S = 0.1  # how often a worker with free slots looks into the waiting room
+    READ_STEP = "take"
 
     def __init__(self, *args: Any, room: WaitingRoom, **kwargs: Any) -> None:
         super().__init__(*args, **{**kwargs, "stream": room.run_stream})
         self.room = room
 
-    async def _read_new(self) -> list[Delivery]:
-        asked = self.free
-        try:
-            entries = await self.room.take(asked)
-        except ResponseError as exc:
-            await self._on_group_error(exc)
-            return []
-        except REDIS_DOWN as exc:
-            self._check_now = True  # a take whose reply was lost may have delivered entries
-            await self._redis_down("take", exc)
-            return []
-        got = [self._hand_out(entry_id, fields, 1) for entry_id, fields in entries]
-        self.slots.saw(self.lane, asked, len(got))
-        if not got:
-            await self._wait_for_room(self.IDLE_LOOK_S)
-        return got
+    async def _new_entries(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        entries = await self.room.take(count)
+        if not entries:
+            await self._wait_for_room(self.IDLE_LOOK_S)  # a park, a freed slot, or the next look
+        return entries
 
     def _running_set(self, fields: dict[bytes, bytes]) -> str:
         tenant = fields.get(b"tenant")

@@ -63,6 +63,7 @@ class Delivery:
     release: Callable[[], None]
     owner: Callable[[], Awaitable[Owner]]  # asks the pending entry who owns it now
     finishing: bool = field(default=False)  # its outcome went to the finisher, which fences it itself
+    lane: Lane = Lane.INTERACTIVE
 
     @property
     def entry_id(self) -> bytes:
@@ -148,27 +149,34 @@ class Inbox:
     def _can_read(self) -> bool:
         return self.free > 0 and self.may_take()
 
+    READ_STEP = "read"  # what a failed read is called in logs and metrics
+
     async def _read_new(self) -> list[Delivery]:
         asked = self.free
-        entries = await self._xread(asked)
+        entries = await self._fetch(asked)
         got = [self._hand_out(entry_id, fields, 1) for entry_id, fields in entries]
         self.slots.saw(self.lane, asked, len(got))
         return got
 
-    async def _xread(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        """New entries of the stream, blocking a while for them; none when Redis failed."""
+    async def _fetch(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Up to ``count`` new entries; none when Redis failed, which it notes and backs off from."""
         try:
-            response = await self.reader.xreadgroup(
-                self.keys.group, self.consumer, {self.stream: ">"}, count=count, block=self.limits.block_ms
-            )
+            entries = await self._new_entries(count)
         except ResponseError as exc:
             await self._on_group_error(exc)
             return []
         except REDIS_DOWN as exc:
-            self._check_now = True
-            await self._redis_down("read", exc)
+            self._check_now = True  # a read whose reply was lost may have delivered entries
+            await self._redis_down(self.READ_STEP, exc)
             return []
         self._backoff.reset()
+        return entries
+
+    async def _new_entries(self, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """New entries of the stream, blocking a while for them."""
+        response = await self.reader.xreadgroup(
+            self.keys.group, self.consumer, {self.stream: ">"}, count=count, block=self.limits.block_ms
+        )
         return [entry for _stream, batch in cast(StreamResponse, response or []) for entry in batch]
 
     async def _round(self) -> list[Delivery]:
@@ -230,7 +238,8 @@ class Inbox:
 
     def _hand_out(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> Delivery:
         ack = Ack(self.stream, self.keys.group, self.consumer, entry_id, self._running_set(fields))
-        delivery = Delivery(ack, fields or {}, deliveries, lambda: self._release(entry_id), lambda: self._owner(entry_id))
+        delivery = Delivery(ack, fields or {}, deliveries, lambda: self._release(entry_id), lambda: self._owner(entry_id),
+                            lane=self.lane)
         self._held[entry_id] = delivery
         self.slots.take(self.lane)
         return delivery

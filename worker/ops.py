@@ -83,7 +83,10 @@ async def lane_figures(redis: aioredis.Redis, keys: Keys, lane: str, stream: str
         figures.update(lag=lag, pending=pending, oldest_pending_s=round(oldest_s, 1) if oldest_s is not None else None)
     with contextlib.suppress(aioredis.ResponseError):  # the waiting room: jobs in tenants' queues, and taken ones running
         tenants = cast(list[bytes], await redis.zrange(keys.waiting(lane), 0, -1))
-        figures["waiting"] = sum([int(await redis.llen(keys.wait(lane, t.decode()))) for t in tenants], 0)
+        pipe = redis.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.llen(keys.wait(lane, tenant.decode()))
+        figures["waiting"] = sum(int(n) for n in await pipe.execute())
         figures["taken"] = int((await redis.xpending(keys.run(lane), keys.group))["pending"])
     return figures
 

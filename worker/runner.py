@@ -327,10 +327,8 @@ class JobRunner:
     def _dead_letter(self, delivery: Delivery, code: ErrorCode, text: str) -> DeadLetter:
         log.warning("job dead-lettered", entry_id=delivery.entry_id.decode(), code=code.value, attempts=delivery.deliveries,
                     reason=text)
-        keys = self.publisher.keys
-        lane = "batch" if delivery.ack.stream in (keys.batch, keys.run("batch")) else "interactive"
         return DeadLetter(delivery.fields.get(b"job"), code, text, delivery.deliveries, self.consumer,
-                          self.settings.max_job_bytes, lane)
+                          self.settings.max_job_bytes, delivery.lane.value)
 
     async def _finish(self, delivery: Delivery, outcome: Outcome, reply: ReplyStream | None, group: str = "") -> None:
         delivery.finishing = True
