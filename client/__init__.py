@@ -213,7 +213,7 @@ class LLMClient:
                 await self._give_up(job.request_id)
             await self._hub.close(channel, queue)
 
-    async def resume(self, request_id: str, after: tuple[int, int] = (0, 0), timeout: float = 600.0) -> AsyncIterator[Chunk | Done]:
+    async def resume(self, request_id: str, after: tuple[int, int] = (0, 0), timeout: float = 600.0) -> AsyncGenerator[Chunk | Done, None]:
         """A resumable job's replies after ``after`` = (attempt, seq) of the last chunk seen: those
         kept so far, then the live rest, with no gap and nothing twice (CONTRACT.md §2). As in
         :meth:`stream`, a chunk of a higher attempt means the text so far is void. Leaving early

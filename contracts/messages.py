@@ -382,6 +382,17 @@ class Keys:
         """The usage ledger of one tenant for one UTC day (``YYYY-MM-DD``), a hash (§8)."""
         return f"{self.prefix}:usage:{tenant_id}:{day}"
 
+    # the HTTP gateway's own keys (§10)
+
+    @property
+    def api_keys(self) -> str:
+        """A hash: SHA-256 (hex) of an API key → the tenant it acts for."""
+        return f"{self.prefix}:api-keys"
+
+    def owner(self, request_id: str) -> str:
+        """The tenant that started a resumable job through the gateway, so that only it re-attaches."""
+        return f"{self.prefix}:owner:{request_id}"
+
 
 # ---- §8 usage ledger ------------------------------------------------------------------------
 

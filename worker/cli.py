@@ -8,6 +8,7 @@ import csv
 import difflib
 import json
 import os
+import re
 import signal
 import sys
 import uuid
@@ -24,6 +25,7 @@ from worker.logs import configure_logging, secrets_of
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
+TENANT_ID = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")  # CONTRACT.md §1
 
 RUN_FLAGS: dict[str, tuple[type, str]] = {
     "redis_url": (str, "Redis URL (REDIS_URL)"),
@@ -54,6 +56,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ask.add_argument("--prefix")
     add_operator_commands(commands)
     add_dead_commands(commands)
+    add_gateway_commands(commands)
     check = commands.add_parser("check-config", help="check a model config file as the worker would load it")
     check.add_argument("file", type=Path)
     usage = commands.add_parser("usage", help="print the usage ledger: requests, tokens and cost per tenant")
@@ -119,6 +122,57 @@ def add_operator_commands(commands: Any) -> None:
     acl.add_argument("--role", action="append", choices=("worker", "client", "operator"),
                      help="what the user does; repeat for several (default: all three)")
     acl.add_argument("--prefix")
+
+
+def add_gateway_commands(commands: Any) -> None:
+    """gateway, and api-key to manage its keys."""
+    gateway = commands.add_parser("gateway", help="serve the pool over HTTP: the seed's API and OpenAI's (the [gateway] extra)")
+    gateway.add_argument("--host", help="address to listen on (LLM_WORKER_GATEWAY_HOST, default 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="port to listen on (LLM_WORKER_GATEWAY_PORT, default 8080)")
+    for name in ("redis_url", "config", "prefix", "log_level", "log_format"):
+        kind, help_text = RUN_FLAGS[name]
+        gateway.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
+    api_key = commands.add_parser("api-key", help="the gateway's API keys, kept in Redis by their SHA-256 only")
+    verbs = api_key.add_subparsers(dest="key_command", required=True)
+    verbs.add_parser("add", help="make a key for a tenant; it is printed once and never stored").add_argument("tenant")
+    verbs.add_parser("list", help="every key's hash and tenant (from Redis and from the config)")
+    verbs.add_parser("revoke", help="remove a key kept in Redis").add_argument("key_or_hash", help="the key, or 8+ hex digits of its hash")
+    verbs.add_parser("hash", help="print the SHA-256 of a key read from stdin, for the config's gateway.api_keys")
+    for verb in verbs.choices.values():
+        verb.add_argument("--redis-url", dest="redis_url")
+        verb.add_argument("--prefix")
+        verb.add_argument("--config", type=Path, help="model groups YAML (LLM_WORKER_CONFIG)")
+
+
+async def api_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from contracts import Keys
+    from gateway.auth import ApiKeys, key_hash
+    from worker.model_config import DECLARED, load_model_config
+
+    if args.key_command == "hash":
+        print(key_hash(sys.stdin.readline().strip()))
+        return 0
+    redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
+    keys = ApiKeys(redis, Keys(settings.prefix), load_model_config(settings.config, env=DECLARED).api_keys)
+    try:
+        if args.key_command == "add":
+            if not TENANT_ID.match(args.tenant):
+                raise UsageError("a tenant id is 1 to 128 letters, digits or . _ : -")
+            print(await keys.add(args.tenant))
+            print(f"(the key of tenant {args.tenant}; it is shown only now)", file=sys.stderr)
+        elif args.key_command == "list":
+            print_rows([{"sha256": d, "tenant": t, "kept_in": w} for d, t, w in await keys.listing()], ["sha256", "tenant", "kept_in"], "table")
+        else:
+            gone = await keys.revoke(args.key_or_hash)
+            print(f"revoked {gone[0]}" if gone else "no such key in redis (keys in the config are removed from the config)")
+            return 0 if gone else 1
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    except REDIS_DOWN_ERRORS as exc:
+        raise UsageError(f"redis does not answer ({type(exc).__name__})") from None
+    finally:
+        await redis.aclose()
+    return 0
 
 
 def add_dead_commands(commands: Any) -> None:
@@ -384,11 +438,28 @@ def probe(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_command(args: argparse.Namespace) -> int:
-    from worker.model_config import ConfigError, check_model_config
-    from worker.permissions import AccessRefused
+def serve_gateway(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.model_config import ConfigError
 
+    try:
+        from gateway.server import serve as serve_http
+    except ImportError as exc:
+        raise UsageError(f"the gateway needs the [gateway] extra: pip install 'llm-pool-worker[gateway]' ({exc.name} is missing)") from None
+    try:
+        serve_http(settings, args.host, args.port)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+#: Commands that run one coroutine with the settings and the arguments.
+ASYNC_COMMANDS: dict[str, Any] = {"dead": dead_letters, "status": show_status, "api-key": api_keys, "ask": ask, "usage": usage}
+
+
+def run_command(args: argparse.Namespace) -> int:
     if args.command == "check-config":
+        from worker.model_config import check_model_config
+
         problems = check_model_config(args.file)
         print("\n".join(problems) or f"{args.file}: ok")
         return 1 if problems else 0
@@ -401,12 +472,17 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("health", "ready", "models"):
         return probe(settings, args)
-    if args.command == "dead":
-        return int(uvloop.run(dead_letters(settings, args)))
-    if args.command == "status":
-        return int(uvloop.run(show_status(settings, args)))
-    if args.command != "run":
-        return int(uvloop.run(ask(settings, args) if args.command == "ask" else usage(settings, args)))
+    if args.command in ASYNC_COMMANDS:
+        return int(uvloop.run(ASYNC_COMMANDS[args.command](settings, args)))
+    if args.command == "gateway":
+        return serve_gateway(settings, args)
+    return run_worker(settings)
+
+
+def run_worker(settings: Settings) -> int:
+    from worker.model_config import ConfigError
+    from worker.permissions import AccessRefused
+
     try:
         if settings.profile is None:
             uvloop.run(serve(settings))

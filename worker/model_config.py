@@ -63,6 +63,7 @@ class ModelConfig:
     litellm_settings: Mapping[str, Any] = field(default_factory=dict)
     left_out: tuple[str, ...] = ()
     tenants: Mapping[str, TenantLimits] = field(default_factory=dict)
+    api_keys: Mapping[str, str] = field(default_factory=dict)  # the gateway's: SHA-256 (hex) of a key → tenant
 
     def limits(self, tenant_id: str) -> TenantLimits:
         return self.tenants.get(tenant_id) or self.tenants.get("default") or TenantLimits()
@@ -124,7 +125,7 @@ def parse_model_config(raw: Mapping[str, Any], env: Mapping[str, str] | None = N
         if key in settings:
             settings[key] = _prune_fallbacks(settings[key], groups)
     return ModelConfig(tuple(deployments), settings, dict(raw.get("litellm_settings") or {}), tuple(left_out),
-                       _parse_tenants(raw.get("tenants")))
+                       _parse_tenants(raw.get("tenants")), _parse_gateway(raw.get("gateway")))
 
 
 TENANT_KEYS = ("daily_budget_usd", "max_in_flight", "rpm", "tpm")
@@ -150,6 +151,29 @@ def _parse_tenants(section: Any) -> dict[str, TenantLimits]:
     return tenants
 
 
+SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
+TENANT_ID = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")  # CONTRACT.md §1
+
+
+def _parse_gateway(section: Any) -> dict[str, str]:
+    """The ``gateway:`` section's API keys, each only as the SHA-256 of the key (``llm-worker api-key hash``)."""
+    if not section:
+        return {}
+    if not isinstance(section, Mapping) or set(section) - {"api_keys"} or not isinstance(section.get("api_keys") or [], list):
+        raise ConfigError("`gateway` must be a mapping with `api_keys`: a list of {sha256, tenant}")
+    keys: dict[str, str] = {}
+    for i, entry in enumerate(section.get("api_keys") or []):
+        if not isinstance(entry, Mapping) or set(entry) != {"sha256", "tenant"}:
+            raise ConfigError(f"gateway.api_keys[{i}] must have exactly `sha256` and `tenant`")
+        digest, tenant = str(entry["sha256"]).lower(), entry["tenant"]
+        if not SHA256_HEX.match(digest):
+            raise ConfigError(f"gateway.api_keys[{i}].sha256 must be 64 hex digits (llm-worker api-key hash), never the key itself")
+        if not isinstance(tenant, str) or not TENANT_ID.match(tenant):
+            raise ConfigError(f"gateway.api_keys[{i}].tenant must be a tenant id (letters, digits, . _ : -, at most 128)")
+        keys[digest] = tenant
+    return keys
+
+
 def load_model_config(path: Path, env: Mapping[str, str] | None = None, check: bool = False) -> ModelConfig:
     """The config as the worker uses it; with ``check``, first refuse every problem that
     :func:`check_model_config` finds, in one line."""
@@ -164,12 +188,20 @@ def load_model_config(path: Path, env: Mapping[str, str] | None = None, check: b
         raise ConfigError(f"cannot read model config {path}: {exc}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"model config {path} is not a mapping")
+    if env is DECLARED:
+        env = {name: "set" for name in _env_refs(raw)}
     return parse_model_config(raw, env)
+
+
+#: ``load_model_config(path, env=DECLARED)``: every group as declared, as if each ``os.environ/``
+#: reference were set; for a process that calls no provider (the gateway) and holds no provider key.
+DECLARED: Mapping[str, str] = {}
 
 
 # ---- checking a config as the worker would load it ---------------------------------------------
 
-TOP_LEVEL = ("model_list", "router_settings", "litellm_settings", "tenants", "general_settings", "environment_variables")
+TOP_LEVEL = ("model_list", "router_settings", "litellm_settings", "tenants", "gateway", "general_settings",
+             "environment_variables")
 FALLBACK_KEYS = ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks")
 
 
@@ -202,6 +234,8 @@ def _where(at: _Lines, problem: str) -> str:
     tenant = re.match(r"tenant `([^`]*)`", problem)
     if tenant:
         return at.line("tenants", tenant.group(1))
+    if problem.startswith(("`gateway`", "gateway.")):
+        return at.line("gateway")
     return at.line("tenants" if problem.startswith("`tenants`") else "model_list")
 
 

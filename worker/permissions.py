@@ -38,10 +38,11 @@ CLIENT_COMMANDS: Final = (
     "evalsha", "script|load", "hget", "xinfo|groups", "xlen",  # the enqueue script's backlog check
     "xrange",  # resume() reads a resumable job's kept replies
 )
-#: What the operator's commands run (status, health, usage, dead).
+#: What the operator's commands run (status, health, usage, dead, api-key).
 OPERATOR_COMMANDS: Final = (
     "get", "scan", "hgetall", "xlen", "xinfo|groups", "xpending", "xrange", "xrevrange",
     "xadd", "xdel", "xtrim", "del", "multi", "exec", "zrange", "llen",
+    "hset", "hkeys", "hdel",  # api-key add, revoke
 )
 ROLES: Final = {"worker": WORKER_COMMANDS, "client": CLIENT_COMMANDS, "operator": OPERATOR_COMMANDS}
 

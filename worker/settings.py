@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         default=1, ge=0, description="times a stream that broke after chunks starts again as a new attempt"
     )
 
+    gateway_host: str = Field(default="127.0.0.1", description="`llm-worker gateway` listens here")
+    gateway_port: int = Field(default=8080, ge=1, le=65535, description="`llm-worker gateway` listens on this port")
+
     block_ms: int = Field(default=1000, ge=10, description="XREADGROUP BLOCK; kept under socket_timeout.")
     redis_socket_timeout_s: float = Field(default=5.0, gt=0)
     log_level: str = Field(default="INFO")
