@@ -168,6 +168,15 @@ class Bench:
                 proc.kill()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def spawn_gateway(self, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        env = dict(os.environ, REDIS_URL=self.redis_url, LLM_WORKER_CONFIG=str(self.config), LLM_WORKER_PREFIX=prefix,
+                   LLM_WORKER_LOG_LEVEL="WARNING")
+        proc = subprocess.Popen([PY, "-c", "import sys; from worker.cli import main; main(sys.argv[1:])", "gateway", "--port", str(port)],
+                                env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+        wait_for_port(port)
+        return proc, f"http://127.0.0.1:{port}"
+
     def spawn_workers(self, count: int, prefix: str, concurrency: int, **env: str) -> list[subprocess.Popen[bytes]]:
         full = dict(os.environ, REDIS_URL=self.redis_url, LLM_WORKER_CONFIG=str(self.config), LLM_WORKER_PREFIX=prefix,
                     LLM_WORKER_CONCURRENCY=str(concurrency), LLM_WORKER_LOG_LEVEL="WARNING")
@@ -279,6 +288,66 @@ async def through_workers(redis: aioredis.Redis, sub: Subscriber, prefix: str, c
     return Run(total, seconds, ttft, stats[0], stats[1])
 
 
+async def through_gateway(url: str, key: str, concurrency: int, total: int, stream: bool, tokens: int) -> Run:
+    """OpenAI's chat completions over HTTP, streamed (SSE) or whole; TTFT is to the first content event."""
+    import aiohttp  # the bench client: cheaper per request than httpx, so that the gateway's cost is what shows
+
+    ttft: list[float] = []
+    body = json.dumps({"model": "bench", "stream": stream, "messages": [{"role": "user", "content": f"#tokens={tokens}"}]})
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+                                     connector=connector) as session:
+
+        async def one(i: int) -> None:
+            started = time.perf_counter()
+            async with session.post(url + "/v1/chat/completions", data=body) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"gateway answered {resp.status}: {await resp.text()}")
+                if not stream:
+                    await resp.read()
+                    ttft.append(time.perf_counter() - started)
+                    return
+                first = None
+                async for line in resp.content:
+                    if first is None and line.startswith(b"data: {") and b'"content":"' in line:
+                        first = time.perf_counter()
+                        ttft.append(first - started)
+
+        seconds = await closed_loop(concurrency, total, one)
+    return Run(total, seconds, ttft, tokens * total if stream else 0)
+
+
+async def gateway_figures(env: Bench, redis: aioredis.Redis, pool: Any, c: int, n: int, ttft_jobs: int,
+                          base: dict[str, Any]) -> dict[str, Any]:
+    """One worker behind the gateway, against bare litellm measured earlier in this run."""
+    from gateway.auth import key_hash, new_api_key
+
+    prefix, procs, sub = await pool(1)
+    await sub.stop()
+    key = new_api_key()
+    await redis.hset(f"{prefix}:api-keys", key_hash(key), "bench")
+    gateway, url = env.spawn_gateway(prefix)
+    try:
+        await through_gateway(url, key, 4, 20, True, 5)  # warm
+        ttft1 = await through_gateway(url, key, 1, ttft_jobs, True, 20)
+        whole = await through_gateway(url, key, c, n, False, 20)
+        s50 = await through_gateway(url, key, c, n, True, 50)
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+        stop_workers(procs)
+    p50, p99 = 1000 * pct(ttft1.ttft, 0.5), 1000 * pct(ttft1.ttft, 0.99)
+    return {
+        "non_stream_calls_per_s": whole.per_s,
+        "stream50_calls_per_s": s50.per_s,
+        "non_stream_vs_baseline": whole.per_s / base["non_stream_calls_per_s"],
+        "stream50_vs_baseline": s50.per_s / base["stream50_calls_per_s"],
+        "ttft_ms_1_in_flight": {"p50": p50, "p99": p99},
+        "added_ttft_ms_1_in_flight": {"p50": p50 - base["ttft_ms_1_in_flight"]["p50"], "p99": p99 - base["ttft_ms_1_in_flight"]["p99"]},
+        "ttft_ms_at_load": {"p50": 1000 * pct(s50.ttft, 0.5), "p99": 1000 * pct(s50.ttft, 0.99)},
+    }
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from worker.model_config import load_model_config
     from worker.router import ModelRouter
@@ -348,6 +417,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             "1_in_flight": {q: results["worker"]["ttft_ms_1_in_flight"][q] - results["baseline"]["ttft_ms_1_in_flight"][q] for q in ("p50", "p99")},
             "at_load": {q: results["worker"]["ttft_ms_at_load"][q] - results["baseline"]["ttft_ms_at_load"][q] for q in ("p50", "p99")},
         }
+
+        print("gateway …", file=sys.stderr)
+        results["gateway"] = await gateway_figures(env, redis, pool, c, n, args.ttft_jobs, results["baseline"])
 
         if not args.quick:  # eight more worker start-ups: not for the check that the bench runs
             results["variants_non_stream_vs_default"] = await variants(env, redis, pool, c, n)
@@ -495,6 +567,11 @@ def table(r: dict[str, Any]) -> str:
         ("TTFT p50/p99 ms, 1 in flight", "{p50:.2f} / {p99:.2f}".format(**b["ttft_ms_1_in_flight"]), "{p50:.2f} / {p99:.2f}".format(**w["ttft_ms_1_in_flight"]), "+{p50:.2f} / +{p99:.2f}".format(**added["1_in_flight"]), "≤ +2 / +10"),
         ("TTFT p50/p99 ms, at load", "{p50:.1f} / {p99:.1f}".format(**b["ttft_ms_at_load"]), "{p50:.1f} / {p99:.1f}".format(**w["ttft_ms_at_load"]), "+{p50:.1f} / +{p99:.1f}".format(**added["at_load"]), ""),
     ]
+    if "gateway" in r:
+        g = r["gateway"]
+        rows.append(("gateway: stream (50 tok) calls/s", f"{b['stream50_calls_per_s']:.0f}", f"{g['stream50_calls_per_s']:.0f}", f"{g['stream50_vs_baseline']:.2f}×", ""))
+        rows.append(("gateway: non-stream calls/s", f"{b['non_stream_calls_per_s']:.0f}", f"{g['non_stream_calls_per_s']:.0f}", f"{g['non_stream_vs_baseline']:.2f}×", ""))
+        rows.append(("gateway: TTFT p50/p99 ms, 1 in flight", "{p50:.2f} / {p99:.2f}".format(**b["ttft_ms_1_in_flight"]), "{p50:.2f} / {p99:.2f}".format(**g["ttft_ms_1_in_flight"]), "+{p50:.2f} / +{p99:.2f}".format(**g["added_ttft_ms_1_in_flight"]), ""))
     scale = r["scale_out_stream50_jobs_per_s"]
     if "1" in scale:
         for k, v in scale.items():

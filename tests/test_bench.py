@@ -22,7 +22,7 @@ def test_bench_quick_runs_and_reports_every_figure(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
-    for figure in ("baseline", "worker", "ratios", "added_ttft_ms", "scale_out_stream50_jobs_per_s", "memory",
+    for figure in ("baseline", "worker", "ratios", "added_ttft_ms", "gateway", "scale_out_stream50_jobs_per_s", "memory",
                    "startup_to_first_job_s"):
         assert figure in results
     assert results["worker"]["stream200_tokens_per_s"] > 0
