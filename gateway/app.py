@@ -66,7 +66,7 @@ class Gateway:
 
     async def job(self, request: Request, tenant: str, *, stream: bool | None = None) -> tuple[Job, dict[str, Any]]:
         """The request's job; streamed as the route says, or (``None``) as the body's ``stream`` says."""
-        body = read_body(await request.body())
+        body = read_body(await _body(request, self.settings.max_job_bytes))
         job = make_job(body, tenant, stream=body.get("stream") is True if stream is None else stream, request_id=request.headers.get("x-request-id"),
                        resumable=self.settings.resumable_streams, timeout_s=self.settings.job_timeout_s)
         if job.model not in self.groups:
@@ -112,6 +112,20 @@ class Gateway:
     async def owner(self, request_id: str) -> dict[str, Any] | None:
         raw = await self.client.redis.get(self.keys.owner(request_id))
         return json.loads(raw) if raw else None
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is longer than a job may be (not read whole first)."""
+    too_large = BadRequest(f"the body is over {limit} bytes, the most a job may be (LLM_WORKER_MAX_JOB_BYTES)", status=413,
+                           code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 def _retry_after(status: int) -> dict[str, str]:

@@ -57,8 +57,13 @@ def test_systemd_stops_after_the_drain() -> None:
     assert float(service["TimeoutStopSec"]) > GRACE_S and service["User"] != "root"
 
 
-def test_compose_runs_redis_the_stand_in_and_two_workers() -> None:
+def test_compose_runs_redis_the_stand_in_two_workers_and_the_gateway() -> None:
+    from worker.cli import parse_args
+
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
-    assert set(services) == {"redis", "model", "worker"}
+    assert set(services) == {"redis", "model", "worker", "gateway"}
+    gateway = parse_args(services["gateway"]["command"][1:])  # a real command of the CLI, with real flags
+    assert gateway.command == "gateway" and gateway.host == "0.0.0.0"
+    assert services["gateway"]["ports"] == [f"127.0.0.1:{gateway.port}:{gateway.port}"]
     assert services["worker"]["deploy"]["replicas"] == 2
     assert services["worker"]["environment"]["OLLAMA_API_BASE"].endswith(":18434")

@@ -145,6 +145,12 @@ async def test_async_sdk_tool_calls_whole_and_streamed(pool: Pool) -> None:
     assert [c.function.name for c in calls] == ["lookup"]  # type: ignore[union-attr]
     assert json.loads(calls[0].function.arguments) == {"text": "find gateways"}  # type: ignore[union-attr, arg-type]
     assert deltas[-1].choices[0].finish_reason == "tool_calls"
+
+    # the conversation goes on with the tool's result, in OpenAI's shapes, as the SDK sends them back
+    followed = [*messages, whole.choices[0].message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": "a gateway is a door"}]
+    answer = await sdk.chat.completions.create(model="anthropic", messages=followed, tools=TOOLS)  # type: ignore[arg-type]
+    assert answer.choices[0].message.tool_calls  # the stand-in calls again: the last user message still asks it to
     await sdk.close()
 
 
@@ -196,6 +202,10 @@ def test_refusals_name_what_is_wrong(pool: Pool) -> None:
     with pytest.raises(openai.BadRequestError) as empty:
         sdk.chat.completions.create(model="openai", messages=[])
     assert "messages" in empty.value.message
+    huge = [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]
+    with pytest.raises(openai.APIStatusError) as too_large:
+        sdk.chat.completions.create(model="openai", messages=huge)  # type: ignore[arg-type]
+    assert too_large.value.status_code == 413 and too_large.value.code == "request_too_large"
     # what SDKs send by default, at the value that changes nothing, passes
     ok = sdk.chat.completions.create(model="openai", messages=[{"role": "user", "content": "x"}], n=1, presence_penalty=0,
                                      temperature=0.1, max_completion_tokens=5, user="u1")
