@@ -74,13 +74,18 @@ def test_check_config_names_each_problem_with_its_line(tmp_path: Path) -> None:
     first = llm_worker("check-config", str(top))
     assert first.returncode == 1
     assert first.stdout.strip() == (f"{top}:4: unknown top-level key `router_setting` (did you mean `router_settings`?); "
-                                    "known: model_list, router_settings, litellm_settings, tenants, general_settings, environment_variables")
+                                    "known: model_list, router_settings, litellm_settings, tenants, gateway, general_settings, environment_variables")
     second = llm_worker("check-config", str(router))
     assert second.returncode == 1
     assert second.stdout.splitlines() == [
         f"{router}:6: unknown router setting `fallback` (did you mean `fallbacks`?)",
         f"{router}:8: `fallbacks` from `fast` to `qualty`, a group no deployment serves; groups: fast",
     ]
+    plain_key = tmp_path / "key.yaml"  # a gateway key written in the clear, where only its hash belongs
+    plain_key.write_text(BAD_TOP.split("router_setting:")[0] + "gateway:\n  api_keys:\n    - {sha256: lpw-secret, tenant: acme}\n")
+    third = llm_worker("check-config", str(plain_key))
+    assert third.returncode == 1 and third.stdout.strip() == (
+        f"{plain_key}:4: gateway.api_keys[0].sha256 must be 64 hex digits (llm-worker api-key hash), never the key itself")
     bundled = llm_worker("check-config", str(ROOT / "worker" / "models.yaml"))
     assert bundled.returncode == 0 and bundled.stdout.strip().endswith("ok")
 

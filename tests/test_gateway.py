@@ -150,7 +150,8 @@ async def test_async_sdk_tool_calls_whole_and_streamed(pool: Pool) -> None:
     followed = [*messages, whole.choices[0].message.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": call.id, "content": "a gateway is a door"}]
     answer = await sdk.chat.completions.create(model="anthropic", messages=followed, tools=TOOLS)  # type: ignore[arg-type]
-    assert answer.choices[0].message.tool_calls  # the stand-in calls again: the last user message still asks it to
+    # Anthropic's wire format carries the tool's result as the last user turn, which has no words for the stand-in to echo
+    assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.content == "ok"
     await sdk.close()
 
 
