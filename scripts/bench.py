@@ -177,6 +177,12 @@ class Bench:
         wait_for_port(port)
         return proc, f"http://127.0.0.1:{port}"
 
+    def spawn_logged(self, prefix: str, concurrency: int, log: Path, **env: str) -> subprocess.Popen[bytes]:
+        """One ``python -m worker`` with a JSON log at INFO, for the times it reports."""
+        full = dict(os.environ, REDIS_URL=self.redis_url, LLM_WORKER_CONFIG=str(self.config), LLM_WORKER_PREFIX=prefix,
+                    LLM_WORKER_CONCURRENCY=str(concurrency), LLM_WORKER_LOG_FORMAT="json", **env)
+        return subprocess.Popen([PY, "-m", "worker"], env=full, cwd=ROOT, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+
     def spawn_workers(self, count: int, prefix: str, concurrency: int, **env: str) -> list[subprocess.Popen[bytes]]:
         full = dict(os.environ, REDIS_URL=self.redis_url, LLM_WORKER_CONFIG=str(self.config), LLM_WORKER_PREFIX=prefix,
                     LLM_WORKER_CONCURRENCY=str(concurrency), LLM_WORKER_LOG_LEVEL="WARNING")
@@ -450,6 +456,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()  # the part of that start-up which is litellm's own import
         subprocess.run([PY, "-c", "import litellm"], check=True, env=dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True"))
         results["startup_import_litellm_s"] = time.perf_counter() - started
+        print("prefork …", file=sys.stderr)
+        results["prefork"] = await prefork(env, redis, c, n, [1, 2] if args.quick else [1, 2, 4])
         if args.memory_streams:
             print("memory …", file=sys.stderr)
             results["memory"] = await memory(redis, pool, args.memory_streams)
@@ -557,6 +565,85 @@ async def memory(redis: aioredis.Redis, pool: Any, streams: int) -> dict[str, An
             "first_wave_kib_per_stream": (first - fresh) / streams}
 
 
+def smaps_kib(pid: int) -> dict[str, int]:
+    """Pss and USS (private pages) of a process: what it costs the machine beside its siblings."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            parts = line.split()
+            if len(parts) >= 2 and parts[1].isdigit():
+                fields[parts[0].rstrip(":")] = int(parts[1])
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "uss": fields["Private_Clean"] + fields["Private_Dirty"]}
+
+
+def cpu_s(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return [int(p) for p in listing.read().split()]
+
+
+def log_times(path: Path, event: str) -> list[float]:
+    """Unix times of a JSON log's lines with this event."""
+    import datetime as dt
+
+    times = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == event:
+            times.append(dt.datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp())
+    return times
+
+
+async def prefork(env: Bench, redis: aioredis.Redis, c: int, n: int, counts: list[int]) -> dict[str, Any]:
+    """``--processes N`` against separately started processes: start-up of the first and of each
+    added process, what each added process costs in memory (USS, PSS), and jobs/s for each N."""
+    results: dict[str, Any] = {"jobs_per_s": {}, "worker_cpu_ms_per_job": {}}
+    for count in counts:
+        prefix = "b" + uuid.uuid4().hex[:6]
+        await redis.xgroup_create(f"{prefix}:jobs", f"{prefix}:workers", id="$", mkstream=True)
+        sub = Subscriber(env.redis_port, f"{prefix}:reply:*")
+        await sub.start()
+        log = env.tmp / f"prefork-{count}.log"
+        pending = sub.waiting["start-1"] = Pending(time.perf_counter())
+        spawned = time.time()
+        proc = env.spawn_logged(prefix, c, log, LLM_WORKER_PROCESSES=str(count))
+        await redis.xadd(f"{prefix}:jobs", {"job": job_bytes(prefix, "start-1", "hello", False)})
+        first_served = (await pending.done) - pending.sent
+        await wait_workers(redis, prefix, count)
+        pids = children_of(proc.pid) if count > 1 else [proc.pid]
+        await through_workers(redis, sub, prefix, 8, 40, True, 5)  # warm every process
+        before = cpu_s(pids)
+        run = await through_workers(redis, sub, prefix, c * count, n * count, True, 50)
+        results["jobs_per_s"][str(count)] = run.per_s
+        results["worker_cpu_ms_per_job"][str(count)] = 1000 * (cpu_s(pids) - before) / run.calls
+        if count == max(counts):
+            forked = log_times(log, "forking workers")[0]
+            ready = sorted(log_times(log, "worker ready"))
+            results["processes"] = count
+            results["start_to_first_job_s"] = first_served
+            results["fork_to_ready_s"] = [t - forked for t in ready]
+            results["start_to_fork_s"] = forked - spawned
+            results["supervisor"] = smaps_kib(proc.pid)
+            results["children"] = [smaps_kib(pid) for pid in pids]
+        elif count == 1:
+            results["single"] = smaps_kib(proc.pid)
+            results["single_start_to_first_job_s"] = first_served
+        await sub.stop()
+        stop_workers([proc])
+    return results
+
+
 def table(r: dict[str, Any]) -> str:
     b, w, ratio, added = r["baseline"], r["worker"], r["ratios"], r["added_ttft_ms"]
     rows = [
@@ -585,6 +672,16 @@ def table(r: dict[str, Any]) -> str:
     for mode, waits in r.get("fairness_one_job_wait_s", {}).items():
         rows.append((f"one job's wait, {mode.replace('_', ' ')}", "", f"idle {waits['idle']:.2f} s",
                      f"behind {FLOOD} of another tenant's: {waits[f'behind_{FLOOD}']:.2f} s", "≈ one job" if mode == "waiting_room" else ""))
+    if "prefork" in r:
+        p = r["prefork"]
+        one = p["jobs_per_s"]["1"]
+        for k, v in p["jobs_per_s"].items():
+            rows.append((f"--processes {k}: stream (50 tok) jobs/s", "", f"{v:.0f}", f"{v / one:.2f}× of 1; worker CPU {p['worker_cpu_ms_per_job'][k]:.2f} ms/job", ""))
+        uss = [c["uss"] / 1024 for c in p["children"]]
+        rows.append((f"--processes {p['processes']}: own memory (USS) per process", "", f"{p['single']['uss'] / 1024:.0f} MB alone",
+                     "forked: " + ", ".join(f"{u:.0f}" for u in uss) + " MB", "≤ 120 MB"))
+        rows.append((f"--processes {p['processes']}: fork → worker ready", "", f"{p['single_start_to_first_job_s']:.2f} s alone",
+                     ", ".join(f"{t:.2f}" for t in p["fork_to_ready_s"]) + " s", "≤ 0.5 s"))
     rows.append(("start-up to first job served", "", f"{r['startup_to_first_job_s']:.2f} s",
                  f"import litellm {r['startup_import_litellm_s']:.2f} s", "≤ 3 s"))
     widths = [max(len(str(row[i])) for row in [*rows, ("figure", "bare litellm", "worker", "ratio / added", "target")]) for i in range(5)]

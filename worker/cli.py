@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,8 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
     "redis_url": (str, "Redis URL (REDIS_URL)"),
     "config": (Path, "model groups YAML (LLM_WORKER_CONFIG)"),
     "prefix": (str, "key prefix (LLM_WORKER_PREFIX)"),
-    "concurrency": (int, "jobs in flight (LLM_WORKER_CONCURRENCY)"),
+    "concurrency": (int, "jobs in flight per process (LLM_WORKER_CONCURRENCY)"),
+    "processes": (int, "worker processes forked from one supervisor (LLM_WORKER_PROCESSES)"),
     "heartbeat_s": (float, "liveness refresh interval (LLM_WORKER_HEARTBEAT_S)"),
     "job_timeout_s": (float, "hard limit of one job (LLM_WORKER_JOB_TIMEOUT_S)"),
     "shutdown_grace_s": (float, "SIGTERM grace period (LLM_WORKER_SHUTDOWN_GRACE_S)"),
@@ -43,7 +45,7 @@ RUN_FLAGS: dict[str, tuple[type, str]] = {
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llm-worker", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run one worker process (flags override the environment)")
+    run = commands.add_parser("run", help="run a worker process, or --processes N of them (flags override the environment)")
     for name, (kind, help_text) in RUN_FLAGS.items():
         run.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
     ask = commands.add_parser("ask", help="enqueue one job and print its answer (streamed with --stream)")
@@ -273,16 +275,28 @@ def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = Non
 
 class Signals:
     """SIGTERM/SIGINT: the first stops taking jobs and drains; the second leaves in-flight jobs to others.
-    Installed before the slow start-up, so that a signal during it is honoured too."""
+    Installed before the slow start-up, so that a signal during it is honoured too.
 
-    def __init__(self) -> None:
+    A forked child handles SIGTERM only (its supervisor forwards a terminal's SIGINT, once), and
+    takes a second SIGTERM within ``same_stop_s`` of the first for the same stop: systemd's
+    default ``KillMode=control-group`` signals every process of the unit, and the supervisor
+    forwards its own signal too, so each child gets the one stop twice.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM), same_stop_s: float = 0.0) -> None:
         self.count = 0
         self.worker: Any = None
+        self.same_stop_s = same_stop_s
+        self._first_at = 0.0
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        now = time.monotonic()
+        if self.count == 1 and now - self._first_at < self.same_stop_s:
+            return
+        self._first_at = self._first_at or now
         self.count += 1
         if self.count == 1:
             log.info("signal received; finishing in-flight jobs", signal=sig.name)
@@ -294,15 +308,16 @@ class Signals:
                 self.worker.abort()
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, config: Any = None, signals: Signals | None = None) -> None:
+    """One worker's life; ``config`` when a supervisor loaded (and checked) it before forking."""
     from worker.model_config import load_model_config
     from worker.router import ModelRouter, SharedState
     from worker.service import Worker
     from worker.transport import limits_of
 
-    signals = Signals()
+    signals = signals or Signals()
     shared = SharedState(settings.redis_url.get_secret_value(), f"{settings.prefix}:router") if settings.shared_router_state else None
-    router = ModelRouter(load_model_config(settings.config, check=True), lean_streams=settings.lean_streams,
+    router = ModelRouter(config or load_model_config(settings.config, check=True), lean_streams=settings.lean_streams,
                          limits=limits_of(settings), shared=shared)
     await router.warm_up()
     if signals.count:
@@ -452,6 +467,38 @@ def serve_gateway(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_supervised(settings: Settings) -> int:
+    """``--processes N``: what every worker would load, loaded once; then N forked workers."""
+    import worker.service  # noqa: F401  # the import graph every child needs: litellm above all
+    from worker.model_config import load_model_config
+    from worker.router import preload
+    from worker.supervisor import Supervisor, reserve_for_forking
+
+    config = load_model_config(settings.config, check=True)  # a bad config is refused once, before any fork
+    uvloop.run(preload(config))
+    reserve_for_forking()
+
+    def serve_child(index: int) -> None:
+        port = settings.metrics_port
+        child = settings.model_copy(update={"metrics_port": port + index if port else None, "processes": 1})
+        try:
+            uvloop.run(_serve_forked(child, config))
+        except UsageError as exc:
+            print(f"llm-worker: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return Supervisor(settings.processes, serve_child, settings.shutdown_grace_s).run()
+
+
+async def _serve_forked(settings: Settings, config: Any) -> None:
+    from worker.permissions import AccessRefused
+
+    try:
+        await serve(settings, config, Signals((signal.SIGTERM,), same_stop_s=1.0))
+    except AccessRefused as exc:
+        raise UsageError(str(exc)) from None
+
+
 #: Commands that run one coroutine with the settings and the arguments.
 ASYNC_COMMANDS: dict[str, Any] = {"dead": dead_letters, "status": show_status, "api-key": api_keys, "ask": ask, "usage": usage}
 
@@ -482,12 +529,15 @@ def run_command(args: argparse.Namespace) -> int:
 def run_worker(settings: Settings) -> int:
     from worker.model_config import ConfigError
     from worker.permissions import AccessRefused
+    from worker.supervisor import ForkUnsafe
 
     try:
+        if settings.processes > 1:
+            return run_supervised(settings)
         if settings.profile is None:
             uvloop.run(serve(settings))
         else:
             profiled(settings, settings.profile)
-    except (ConfigError, AccessRefused) as exc:
+    except (ConfigError, AccessRefused, ForkUnsafe) as exc:
         raise UsageError(str(exc)) from None
     return 0

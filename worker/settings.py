@@ -21,6 +21,10 @@ class Settings(BaseSettings):
     config: Path = Field(default=BUNDLED_CONFIG, description="LiteLLM-proxy-style YAML of model groups.")
     prefix: str = Field(default="llm", pattern=r"^[A-Za-z0-9._:-]{1,64}$")
     concurrency: int = Field(default=32, ge=1, le=100_000)
+    processes: int = Field(
+        default=1, ge=1, le=256,
+        description="worker processes forked from one supervisor that imported litellm once (each has `concurrency` slots)",
+    )
     heartbeat_s: float = Field(default=5.0, gt=0)
     result_ttl_s: int = Field(default=3600, ge=1)
     max_job_bytes: int = Field(default=1024 * 1024, ge=256)
