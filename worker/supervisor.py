@@ -152,6 +152,8 @@ class Supervisor:
         process = self._context.Process(target=self._child_main, args=(index,), name=f"llm-worker-{index}", daemon=False)
         process.start()
         self.children[index] = Child(index, process)
+        if self.signals and process.pid is not None:  # a stop that came while children were being started
+            os.kill(process.pid, signal.SIGTERM)
 
     def _child_main(self, index: int) -> None:
         """In the child: forget the supervisor's signal plumbing, die with it, then serve."""
