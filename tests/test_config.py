@@ -82,7 +82,7 @@ def test_check_config_names_each_problem_with_its_line(tmp_path: Path) -> None:
         f"{router}:8: `fallbacks` from `fast` to `qualty`, a group no deployment serves; groups: fast",
     ]
     plain_key = tmp_path / "key.yaml"  # a gateway key written in the clear, where only its hash belongs
-    plain_key.write_text(BAD_TOP.split("router_setting:")[0] + "gateway:\n  api_keys:\n    - {sha256: lpw-secret, tenant: acme}\n")
+    plain_key.write_text(BAD_TOP.split("router_setting:", maxsplit=1)[0] + "gateway:\n  api_keys:\n    - {sha256: lpw-secret, tenant: acme}\n")
     third = llm_worker("check-config", str(plain_key))
     assert third.returncode == 1 and third.stdout.strip() == (
         f"{plain_key}:4: gateway.api_keys[0].sha256 must be 64 hex digits (llm-worker api-key hash), never the key itself")

@@ -48,13 +48,18 @@ def child_pids(supervisor_pid: int) -> set[int]:
     return children
 
 
-async def test_a_killed_child_is_replaced_and_the_pool_keeps_serving(spawn_worker: Any, client: LLMClient) -> None:
+async def test_a_killed_child_is_replaced_and_the_pool_keeps_serving(spawn_worker: Any, client: LLMClient, settings: Any) -> None:
+    from tests.test_ops import llm_worker
+
     supervisor = spawn_worker(LLM_WORKER_PROCESSES="2")
     await until_ready(supervisor, 2)
     first = child_pids(supervisor.proc.pid)
     assert len(first) == 2 and supervisor.proc.pid not in first
     consumers = {line["consumer"] for line in ready_lines(supervisor)}
     assert len(consumers) == 2, "each child names itself"
+    # the container's probe names PID 1, the supervisor: it stands for its workers
+    probe = await asyncio.to_thread(llm_worker, settings, "health", "--pid", str(supervisor.proc.pid))
+    assert probe.returncode == 0 and all(c in probe.stdout for c in consumers), probe.stderr
 
     victim = min(first)
     os.kill(victim, signal.SIGKILL)

@@ -57,9 +57,19 @@ async def check_health(settings: Settings, consumer: str | None, pid: int | None
 
 
 def _is_the_one(beat: Heartbeat, consumer: str | None, pid: int | None, host: str) -> bool:
+    """The worker asked about; ``--pid`` of a supervisor (``--processes``) means its workers."""
     if consumer:
         return beat.consumer == consumer
-    return beat.host == host and (pid is None or beat.pid == pid)
+    return beat.host == host and (pid is None or pid in (beat.pid, parent_pid(beat.pid)))
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of a process of this host (the probe runs beside the worker), if it is alive."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 async def gather_status(redis: aioredis.Redis, keys: Keys) -> dict[str, Any]:
