@@ -21,11 +21,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import litellm
 import structlog
 from litellm.router import Router
 
 from contracts import ErrorCode, Job, ToolCall, Usage
+from worker import selfcheck
 from worker.assembly import AnswerTooLarge, Completion, StreamAssembler
 from worker.errors import CALL_FAILURES, describe, judge
 from worker.lean import SLICE_S, StreamBroken, read_rest
@@ -59,6 +61,19 @@ class Price:
 
     def cost(self, usage: Usage) -> float:
         return usage.prompt_tokens * self.input_per_token + usage.completion_tokens * self.output_per_token
+
+
+def litellm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("litellm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def describe_exc(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 async def preload(config: ModelConfig) -> None:
@@ -165,7 +180,7 @@ class ModelRouter:
         for key, value in config.litellm_settings.items():  # before the transport: TLS settings must reach it
             setattr(litellm, key, value)
         self.limits = limits or Limits()
-        self.transport: ProviderTransport = install_transport(self.limits, split=lean_streams)
+        self.transport: ProviderTransport = self._install_transport(lean_streams)
         self.config = config
         self.groups = config.groups
         self._deployments = config.by_id()
@@ -175,6 +190,16 @@ class ModelRouter:
         # too, through process-wide callbacks, and the mocks must not spend a deployment's rpm.
         self._warming: Any = self._make_router(None, enforce=False)
         self._serving: Any = None
+
+    def _install_transport(self, lean_streams: bool) -> ProviderTransport:
+        """The transport under litellm's clients; when this litellm lacks a hook it needs, a
+        transport that no call passes through: litellm's own path, its own clients, no bounds."""
+        try:
+            return install_transport(self.limits, split=lean_streams)
+        except (ImportError, AttributeError, TypeError) as exc:
+            log.warning("this litellm lacks a hook of the worker's HTTP transport; serving on litellm's own path, "
+                        "without the worker's bounds on answers", litellm=litellm_version(), missing=describe_exc(exc))
+            return ProviderTransport(httpx.AsyncHTTPTransport(), self.limits, split=False)
 
     def _make_router(self, shared: SharedState | None, enforce: bool = True) -> Any:
         return Router(model_list=[d.entry() for d in self.config.deployments], **router_settings(self.config, shared, enforce))
@@ -202,12 +227,37 @@ class ModelRouter:
                 if stream:
                     async for _ in response:
                         pass
+        await self._check_lean_path()
         # Everything alive now (litellm's large import graph above all) lives as long as the process:
         # take it out of the collector's reach. A full collection then takes ~0.1 s instead of ~0.3 s,
         # time during which every job of the worker stands still (measured in tests/test_hostile.py).
         self._warming = None
         gc.collect()
         gc.freeze()
+
+    async def _check_lean_path(self) -> None:
+        """Turn lean streams off, with one WARNING, if this litellm does not behave as they need."""
+        if not self.lean_streams:
+            return
+        try:
+            problem = await self._probe_lean_path()
+        except Exception as exc:  # noqa: BLE001  # whatever broke, the answer is the same: litellm's own path
+            problem = f"the probe stream failed: {describe_exc(exc)}"
+        if problem is not None:
+            log.warning("lean streams do not work with this litellm; serving streams on litellm's own path",
+                        litellm=litellm_version(), problem=problem)
+            self.lean_streams = False
+
+    async def _probe_lean_path(self) -> str | None:
+        async with selfcheck.loopback() as url:
+            router = selfcheck.probe_router(url)
+            for job in selfcheck.probe_jobs():
+                split_before = self.transport.split_count
+                completion = await self.stream(job, lambda _text: False, router=router)
+                problem = selfcheck.judge(job, completion, self.transport.split_count > split_before)
+                if problem is not None:
+                    return problem
+        return None
 
     def open(self) -> None:
         """Make the Router that serves, once. The worker calls it after Redis has accepted its
@@ -265,10 +315,11 @@ class ModelRouter:
         return Usage(int(prompt), int(completion), estimated=True)
 
     @contextlib.asynccontextmanager
-    async def _call(self, job: Job) -> AsyncIterator[str]:
+    async def _call(self, job: Job, own_group: bool = True) -> AsyncIterator[str]:
         """One tagged call: its failures become contract errors, and the transport's record of
         it is dropped at the end (closing a parked body nobody read)."""
-        self._require_group(job.model)
+        if own_group:
+            self._require_group(job.model)
         tag = uuid.uuid4().hex
         try:
             yield tag
@@ -295,19 +346,20 @@ class ModelRouter:
             answer.finish_reason = choice.finish_reason
             return self._finish(job, getattr(response, "_hidden_params", None) or {}, answer)
 
-    async def stream(self, job: Job, on_text: OnText) -> Completion:
+    async def stream(self, job: Job, on_text: OnText, router: Any = None) -> Completion:
         """A streamed answer: ``on_text`` sees each piece of text as it arrives.
 
         With lean streams on, litellm reads the stream up to its first token and the rest is
         parsed here (see ``worker.lean``); other providers stay on litellm's path throughout.
         A failure after chunks were sent is judged here, not by litellm (``worker.errors``).
+        ``router``: another Router than the serving one (the start-up probe's).
         """
         answer = StreamAssembler(self.limits.answer_chars)
-        async with self._call(job) as tag:
+        async with self._call(job, own_group=router is None) as tag:
             stream: Any = None
             hidden: Mapping[str, Any] = {}
             try:
-                stream = await self._router.acompletion(
+                stream = await (router or self._router).acompletion(
                     **self._call_kwargs(job, tag, stream=True), stream=True, stream_options={"include_usage": True}
                 )
                 tapped = self.transport.take(tag)
