@@ -17,7 +17,7 @@ from contracts import Chunk, Done, Job, decode_reply
 from tests.conftest import RedisServer, StandIn
 from tests.helpers import Listener, in_flight, user, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # timings and counts of an outage
 
 
 async def test_kill_9_loses_no_job_and_bills_none_more_than_twice(

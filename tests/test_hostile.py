@@ -103,6 +103,7 @@ async def outcome_of(client: LLMClient, prompt: str, stream: bool = True) -> Don
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "litellm"])
+@pytest.mark.serial  # measures the event loop's longest stall
 async def test_hostile_streams_do_not_stall_healthy_jobs_beside_them(
     lean: bool, settings: Any, router: Any, client: LLMClient, standin: StandIn
 ) -> None:

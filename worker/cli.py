@@ -415,7 +415,10 @@ def print_rows(lines: list[dict[str, Any]], columns: list[str], form: str) -> No
 
 def profiled(settings: Settings, path: Path) -> None:
     """Run the worker under pyinstrument (a dev dependency) and write where its CPU time went."""
-    from pyinstrument import Profiler
+    try:
+        from pyinstrument import Profiler
+    except ImportError:
+        raise UsageError("LLM_WORKER_PROFILE needs pyinstrument, a development tool: pip install pyinstrument") from None
 
     profiler = Profiler(interval=0.0005, async_mode="disabled")
     profiler.start()
