@@ -67,7 +67,8 @@ class Gateway:
     async def job(self, request: Request, tenant: str, *, stream: bool | None = None) -> tuple[Job, dict[str, Any]]:
         """The request's job; streamed as the route says, or (``None``) as the body's ``stream`` says."""
         body = read_body(await _body(request, self.settings.max_job_bytes))
-        job = make_job(body, tenant, stream=body.get("stream") is True if stream is None else stream, request_id=request.headers.get("x-request-id"),
+        streamed = body.get("stream") is True if stream is None else stream
+        job = make_job(body, tenant, stream=streamed, request_id=request.headers.get("x-request-id"),
                        resumable=self.settings.resumable_streams, timeout_s=self.settings.job_timeout_s)
         if job.model not in self.groups:
             raise BadRequest(f"no model group `{job.model}`; groups: {', '.join(self.groups)}", "model", 404, ErrorCode.UNKNOWN_MODEL)
@@ -118,7 +119,8 @@ async def _body(request: Request, limit: int) -> bytes:
     """The body, refused with a 413 as soon as it is longer than a job may be (not read whole first)."""
     too_large = BadRequest(f"the body is over {limit} bytes, the most a job may be (LLM_WORKER_MAX_JOB_BYTES)", status=413,
                            code="request_too_large")
-    if int(request.headers.get("content-length") or 0) > limit:
+    declared = request.headers.get("content-length") or "0"
+    if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
     async for part in request.stream():
