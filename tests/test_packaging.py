@@ -4,6 +4,7 @@ no development tools and no web framework."""
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ def test_a_worker_installs_no_development_tool_and_no_web_framework() -> None:
 @pytest.mark.timeout(300)
 def test_the_client_distribution_brings_no_litellm(tmp_path: Path) -> None:
     wheels, venv = tmp_path / "wheels", tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
-                    str(ROOT / "packaging" / "llm-pool-client")], check=True, cwd=ROOT)
+    project = ROOT / "packaging" / "llm-pool-client"
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(project)], check=True, cwd=ROOT)
+    finally:  # setuptools builds in the tree; a build/ left there would carry stale files into a later wheel
+        shutil.rmtree(project / "build", ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     [wheel] = wheels.glob("llm_pool_client-*.whl")
