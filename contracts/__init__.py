@@ -31,6 +31,7 @@ from contracts.messages import (
     decode_job,
     decode_reply,
     encode,
+    is_ident,
     is_terminal,
     readable_request_id,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "decode_job",
     "decode_reply",
     "encode",
+    "is_ident",
     "is_terminal",
     "readable_request_id",
 ]

@@ -22,6 +22,11 @@ _ID_RE: Final = re.compile(ID_PATTERN)
 Ident = Annotated[str, msgspec.Meta(pattern=ID_PATTERN)]
 
 
+def is_ident(value: object) -> bool:
+    """Whether ``value`` may be a ``request_id`` or ``tenant_id`` (CONTRACT.md §1)."""
+    return isinstance(value, str) and _ID_RE.match(value) is not None
+
+
 class ErrorCode(StrEnum):
     INVALID_JOB = "invalid_job"
     UNKNOWN_MODEL = "unknown_model"
@@ -259,7 +264,7 @@ def readable_request_id(raw: bytes | str) -> str | None:
             rid = _request_id_decoder.decode(_mended(data)).request_id
         except (msgspec.DecodeError, RecursionError):
             rid = _top_level_request_id(_mended(data))
-    return rid if isinstance(rid, str) and _ID_RE.match(rid) else None
+    return rid if is_ident(rid) else None
 
 
 def _why_not_decoded(data: bytes, exc: Exception) -> str:

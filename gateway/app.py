@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -34,7 +33,7 @@ from gateway.formats import (
 from gateway.relay import CallerLeft, close_replies, first_reply, stream_body
 from gateway.requests import BadRequest, make_job, read_body
 from worker.model_config import DECLARED, load_model_config
-from worker.ops import heartbeats
+from worker.ops import fresh, heartbeats
 from worker.settings import Settings
 
 log = structlog.get_logger("gateway")
@@ -258,10 +257,10 @@ def add_seed_routes(app: FastAPI, state: dict[str, Gateway]) -> None:
         except (aioredis.RedisError, OSError) as exc:
             return Response(json.dumps({"status": "unavailable", "reason": f"redis does not answer ({type(exc).__name__})"}), 503,
                             media_type=JSON)
-        fresh = [b for b in beats if time.time() * 1000 - b.heartbeat_at_ms <= 3 * gateway.settings.heartbeat_s * 1000]
-        status = 200 if fresh else 503
-        body = {"status": "ok" if fresh else "unavailable", "workers": len(fresh), "in_flight": sum(b.in_flight for b in fresh)}
-        if not fresh:
+        alive = fresh(beats, gateway.settings.heartbeat_s)
+        status = 200 if alive else 503
+        body = {"status": "ok" if alive else "unavailable", "workers": len(alive), "in_flight": sum(b.in_flight for b in alive)}
+        if not alive:
             body["reason"] = "no worker has a fresh heartbeat"
         return Response(json.dumps(body), status, media_type=JSON)
 

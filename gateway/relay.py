@@ -48,12 +48,17 @@ async def until_hangup(request: Request, work: Awaitable[T]) -> T:
     raise CallerLeft
 
 
+def _timed_out(exc: ReplyTimeout) -> Error:
+    """The client's timeout as an ``error`` reply like the worker's own."""
+    return Error(request_id="", attempt=0, code=ErrorCode.TIMEOUT, message=str(exc))
+
+
 async def first_reply(request: Request, replies: AsyncIterator[Reply]) -> Reply:
-    """The first reply; a timeout becomes an ``error`` reply like the worker's own."""
+    """The first reply; a timeout becomes an ``error`` reply."""
     try:
         return await until_hangup(request, anext(replies))
     except ReplyTimeout as exc:
-        return Error(request_id="", attempt=0, code=ErrorCode.TIMEOUT, message=str(exc))
+        return _timed_out(exc)
     except StopAsyncIteration:
         return Error(request_id="", attempt=0, code=ErrorCode.INTERNAL, message="the reply stream ended without an answer")
 
@@ -96,7 +101,7 @@ async def _next(replies: AsyncIterator[Reply]) -> Reply | None:
     except StopAsyncIteration:
         return None
     except ReplyTimeout as exc:
-        return Error(request_id="", attempt=0, code=ErrorCode.TIMEOUT, message=str(exc))
+        return _timed_out(exc)
 
 
 async def close_replies(replies: AsyncIterator[Reply]) -> None:

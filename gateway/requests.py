@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import msgspec
 
-from contracts import Job
+from contracts import Job, is_ident
 
 PARAMS: Final = ("temperature", "top_p", "max_tokens", "stop", "seed", "tool_choice", "response_format")
 #: Read elsewhere, or with no bearing on the answer.
@@ -23,7 +23,6 @@ HANDLED: Final = frozenset({"model", "messages", "tools", "stream", "stream_opti
                             "service_tier"})
 #: Options the pool does not pass on, accepted only at the value that changes nothing.
 NEUTRAL: Final[dict[str, Any]] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
-REQUEST_ID: Final = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")
 
 
 class BadRequest(Exception):
@@ -53,7 +52,7 @@ def make_job(body: dict[str, Any], tenant_id: str, *, stream: bool, request_id: 
     body, which the seed's callers may send, is not read). Its deadline is now + ``timeout_s``."""
     _refuse_unsupported(body)
     rid = request_id or body.get("request_id") or uuid.uuid4().hex
-    if not isinstance(rid, str) or not REQUEST_ID.match(rid):
+    if not is_ident(rid):
         raise BadRequest("request_id must be 1 to 128 letters, digits or . _ : -", "request_id")
     fields = {
         "request_id": rid,

@@ -36,16 +36,9 @@ async def until_ready(process: Any, count: int, timeout: float = 30) -> list[dic
 
 
 def child_pids(supervisor_pid: int) -> set[int]:
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == supervisor_pid:
-                        children.add(int(entry))
-            except (OSError, ValueError):
-                continue
-    return children
+    from worker.ops import parent_pid
+
+    return {int(entry) for entry in os.listdir("/proc") if entry.isdigit() and parent_pid(int(entry)) == supervisor_pid}
 
 
 async def test_a_killed_child_is_replaced_and_the_pool_keeps_serving(spawn_worker: Any, client: LLMClient, settings: Any) -> None:

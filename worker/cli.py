@@ -8,7 +8,6 @@ import csv
 import difflib
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -26,7 +25,6 @@ from worker.logs import configure_logging, secrets_of
 from worker.settings import Settings
 
 log = structlog.get_logger("worker")
-TENANT_ID = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")  # CONTRACT.md §1
 
 RUN_FLAGS: dict[str, tuple[type, str]] = {
     "redis_url": (str, "Redis URL (REDIS_URL)"),
@@ -147,7 +145,7 @@ def add_gateway_commands(commands: Any) -> None:
 
 
 async def api_keys(settings: Settings, args: argparse.Namespace) -> int:
-    from contracts import Keys
+    from contracts import Keys, is_ident
     from gateway.auth import ApiKeys, key_hash
     from worker.model_config import DECLARED, load_model_config
 
@@ -158,7 +156,7 @@ async def api_keys(settings: Settings, args: argparse.Namespace) -> int:
     keys = ApiKeys(redis, Keys(settings.prefix), load_model_config(settings.config, env=DECLARED).api_keys)
     try:
         if args.key_command == "add":
-            if not TENANT_ID.match(args.tenant):
+            if not is_ident(args.tenant):
                 raise UsageError("a tenant id is 1 to 128 letters, digits or . _ : -")
             print(await keys.add(args.tenant))
             print(f"(the key of tenant {args.tenant}; it is shown only now)", file=sys.stderr)

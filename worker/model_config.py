@@ -12,10 +12,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import structlog
 import yaml
+
+from contracts import is_ident
 
 log = structlog.get_logger(__name__)
 
@@ -152,7 +155,6 @@ def _parse_tenants(section: Any) -> dict[str, TenantLimits]:
 
 
 SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
-TENANT_ID = re.compile(r"\A[A-Za-z0-9._:-]{1,128}\Z")  # CONTRACT.md §1
 
 
 def _parse_gateway(section: Any) -> dict[str, str]:
@@ -168,7 +170,7 @@ def _parse_gateway(section: Any) -> dict[str, str]:
         digest, tenant = str(entry["sha256"]).lower(), entry["tenant"]
         if not SHA256_HEX.match(digest):
             raise ConfigError(f"gateway.api_keys[{i}].sha256 must be 64 hex digits (llm-worker api-key hash), never the key itself")
-        if not isinstance(tenant, str) or not TENANT_ID.match(tenant):
+        if not is_ident(tenant):
             raise ConfigError(f"gateway.api_keys[{i}].tenant must be a tenant id (letters, digits, . _ : -, at most 128)")
         keys[digest] = tenant
     return keys
@@ -195,7 +197,7 @@ def load_model_config(path: Path, env: Mapping[str, str] | None = None, check: b
 
 #: ``load_model_config(path, env=DECLARED)``: every group as declared, as if each ``os.environ/``
 #: reference were set; for a process that calls no provider (the gateway) and holds no provider key.
-DECLARED: Mapping[str, str] = {}
+DECLARED: Mapping[str, str] = MappingProxyType({})
 
 
 # ---- checking a config as the worker would load it ---------------------------------------------

@@ -33,6 +33,12 @@ async def heartbeats(redis: aioredis.Redis, keys: Keys) -> list[Heartbeat]:
     return beats
 
 
+def fresh(beats: list[Heartbeat], heartbeat_s: float) -> list[Heartbeat]:
+    """The heartbeats younger than the key's own lifetime (three intervals): workers alive now."""
+    now_ms = time.time() * 1000
+    return [b for b in beats if now_ms - b.heartbeat_at_ms <= 3 * heartbeat_s * 1000]
+
+
 async def check_health(settings: Settings, consumer: str | None, pid: int | None) -> str:
     """The worker named (or, by default, every worker of this host): its heartbeat is fresh and Redis answers."""
     redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3)
@@ -47,13 +53,11 @@ async def check_health(settings: Settings, consumer: str | None, pid: int | None
     if not mine:
         who = f"consumer {consumer}" if consumer else f"pid {pid} on {host}" if pid else f"any worker on {host}"
         raise Unhealthy(f"no heartbeat of {who}")
-    stale_ms = 3 * settings.heartbeat_s * 1000
-    now = time.time() * 1000
-    fresh = [b for b in mine if now - b.heartbeat_at_ms <= stale_ms]
-    if not fresh:
-        age = min(now - b.heartbeat_at_ms for b in mine) / 1000
-        raise Unhealthy(f"heartbeat {age:.1f} s old (fresh is under {stale_ms / 1000:g} s): the worker is stuck or Redis refuses its writes")
-    return f"ok: {', '.join(f'{b.consumer} ({b.in_flight} in flight)' for b in fresh)}"
+    alive = fresh(mine, settings.heartbeat_s)
+    if not alive:
+        age = min(time.time() * 1000 - b.heartbeat_at_ms for b in mine) / 1000
+        raise Unhealthy(f"heartbeat {age:.1f} s old (fresh is under {3 * settings.heartbeat_s:g} s): the worker is stuck or Redis refuses its writes")
+    return f"ok: {', '.join(f'{b.consumer} ({b.in_flight} in flight)' for b in alive)}"
 
 
 def _is_the_one(beat: Heartbeat, consumer: str | None, pid: int | None, host: str) -> bool:
