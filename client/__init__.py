@@ -24,9 +24,9 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from client.enqueue import ENQUEUE_SCRIPT, QueueFull
-from client.usage import UsageRow, read_usage
-from contracts import (
+from llm_pool_client.enqueue import ENQUEUE_SCRIPT, QueueFull
+from llm_pool_client.usage import UsageRow, read_usage
+from llm_pool_contracts import (
     Chunk,
     Done,
     Error,
@@ -376,3 +376,9 @@ class _Seen:
                 return False
             self.seq = reply.seq
         return True
+
+
+if __name__ != "llm_pool_client":  # this folder imported by its old name (from a checkout): be the new package
+    from llm_pool_contracts.old_names import stand_in
+
+    stand_in(__name__)

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from contracts import LEDGER_COUNTERS, LEDGER_SEP, Keys
+from llm_pool_contracts import LEDGER_COUNTERS, LEDGER_SEP, Keys
 
 NANO = 1_000_000_000
 

@@ -3,7 +3,7 @@
 Importing this package pulls in msgspec and nothing else.
 """
 
-from contracts.messages import (
+from llm_pool_contracts.messages import (
     CHUNK_LOG_MAX,
     CONTRACT_VERSION,
     DEAD_LETTER_CODES,
@@ -68,3 +68,9 @@ __all__ = [
     "is_terminal",
     "readable_request_id",
 ]
+
+
+if __name__ != "llm_pool_contracts":  # this folder imported by its old name (from a checkout): be the new package
+    from llm_pool_contracts.old_names import stand_in
+
+    stand_in(__name__)

@@ -16,10 +16,10 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
-from client import JobFailed, LLMClient, QueueFull
-from contracts import Error, ErrorCode, Job, Keys, Reply, Result
-from gateway.auth import ApiKeys
-from gateway.formats import (
+from llm_pool_client import JobFailed, LLMClient, QueueFull
+from llm_pool_contracts import Error, ErrorCode, Job, Keys, Reply, Result
+from llm_pool_gateway.auth import ApiKeys
+from llm_pool_gateway.formats import (
     OpenAIEvents,
     SeedLines,
     StreamFormat,
@@ -30,11 +30,11 @@ from gateway.formats import (
     seed_error,
     status_of,
 )
-from gateway.relay import CallerLeft, close_replies, first_reply, stream_body
-from gateway.requests import BadRequest, make_job, read_body
-from worker.model_config import DECLARED, load_model_config
-from worker.ops import fresh, heartbeats
-from worker.settings import Settings
+from llm_pool_gateway.relay import CallerLeft, close_replies, first_reply, stream_body
+from llm_pool_gateway.requests import BadRequest, make_job, read_body
+from llm_pool_worker.model_config import DECLARED, load_model_config
+from llm_pool_worker.ops import fresh, heartbeats
+from llm_pool_worker.settings import Settings
 
 log = structlog.get_logger("gateway")
 

@@ -15,7 +15,7 @@ from typing import Final, cast
 
 import redis.asyncio as aioredis
 
-from contracts import Keys
+from llm_pool_contracts import Keys
 
 KEY_PREFIX: Final = "lpw-"  # so that a leaked key is recognisable (secret scanners match on prefixes)
 

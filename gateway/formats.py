@@ -11,7 +11,7 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
-from contracts import Chunk, Done, ErrorCode, Result
+from llm_pool_contracts import Chunk, Done, ErrorCode, Result
 
 _encode = msgspec.json.Encoder().encode
 

@@ -16,9 +16,9 @@ from typing import TypeVar
 import msgspec
 from starlette.requests import Request
 
-from client import ReplyTimeout
-from contracts import Chunk, Done, Error, ErrorCode, Reply, Result
-from gateway.formats import StreamFormat
+from llm_pool_client import ReplyTimeout
+from llm_pool_contracts import Chunk, Done, Error, ErrorCode, Reply, Result
+from llm_pool_gateway.formats import StreamFormat
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import msgspec
 
-from contracts import Job, is_ident
+from llm_pool_contracts import Job, is_ident
 
 PARAMS: Final = ("temperature", "top_p", "max_tokens", "stop", "seed", "tool_choice", "response_format")
 #: Read elsewhere, or with no bearing on the answer.

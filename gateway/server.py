@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uvicorn
 
-from gateway.app import create_app
-from worker.settings import Settings
+from llm_pool_gateway.app import create_app
+from llm_pool_worker.settings import Settings
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:

@@ -172,22 +172,22 @@ class Bench:
         port = free_port()
         env = dict(os.environ, REDIS_URL=self.redis_url, LLM_WORKER_CONFIG=str(self.config), LLM_WORKER_PREFIX=prefix,
                    LLM_WORKER_LOG_LEVEL="WARNING")
-        proc = subprocess.Popen([PY, "-c", "import sys; from worker.cli import main; main(sys.argv[1:])", "gateway", "--port", str(port)],
+        proc = subprocess.Popen([PY, "-c", "import sys; from llm_pool_worker.cli import main; main(sys.argv[1:])", "gateway", "--port", str(port)],
                                 env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
         wait_for_port(port)
         return proc, f"http://127.0.0.1:{port}"
 
     def spawn_logged(self, prefix: str, concurrency: int, log: Path, **env: str) -> subprocess.Popen[bytes]:
-        """One ``python -m worker`` with a JSON log at INFO, for the times it reports."""
+        """One ``python -m llm_pool_worker`` with a JSON log at INFO, for the times it reports."""
         full = dict(os.environ, REDIS_URL=self.redis_url, LLM_WORKER_CONFIG=str(self.config), LLM_WORKER_PREFIX=prefix,
                     LLM_WORKER_CONCURRENCY=str(concurrency), LLM_WORKER_LOG_FORMAT="json", **env)
-        return subprocess.Popen([PY, "-m", "worker"], env=full, cwd=ROOT, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
+        return subprocess.Popen([PY, "-m", "llm_pool_worker"], env=full, cwd=ROOT, stderr=log.open("wb"), stdout=subprocess.DEVNULL)
 
     def spawn_workers(self, count: int, prefix: str, concurrency: int, **env: str) -> list[subprocess.Popen[bytes]]:
         full = dict(os.environ, REDIS_URL=self.redis_url, LLM_WORKER_CONFIG=str(self.config), LLM_WORKER_PREFIX=prefix,
                     LLM_WORKER_CONCURRENCY=str(concurrency), LLM_WORKER_LOG_LEVEL="WARNING")
         full.update(env)
-        return [subprocess.Popen([PY, "-m", "worker"], env=full, cwd=ROOT, stderr=subprocess.DEVNULL) for _ in range(count)]
+        return [subprocess.Popen([PY, "-m", "llm_pool_worker"], env=full, cwd=ROOT, stderr=subprocess.DEVNULL) for _ in range(count)]
 
 
 async def wait_workers(redis: aioredis.Redis, prefix: str, count: int, timeout: float = 60) -> None:
@@ -326,7 +326,7 @@ async def through_gateway(url: str, key: str, concurrency: int, total: int, stre
 async def gateway_figures(env: Bench, redis: aioredis.Redis, pool: Any, c: int, n: int, ttft_jobs: int,
                           base: dict[str, Any]) -> dict[str, Any]:
     """One worker behind the gateway, against bare litellm measured earlier in this run."""
-    from gateway.auth import key_hash, new_api_key
+    from llm_pool_gateway.auth import key_hash, new_api_key
 
     prefix, procs, sub = await pool(1)
     await sub.stop()
@@ -355,8 +355,8 @@ async def gateway_figures(env: Bench, redis: aioredis.Redis, pool: Any, c: int, 
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    from worker.model_config import load_model_config
-    from worker.router import ModelRouter
+    from llm_pool_worker.model_config import load_model_config
+    from llm_pool_worker.router import ModelRouter
 
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},

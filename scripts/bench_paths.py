@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import Bench, closed_loop
 
-from contracts import Job
+from llm_pool_contracts import Job
 
 GROUPS = {"bench": "OpenAI format", "bench-anthropic": "Anthropic format"}
 TOKENS, CALLS, CONCURRENCY = 200, 200, 64
@@ -24,8 +24,8 @@ TOKENS, CALLS, CONCURRENCY = 200, 200, 64
 
 async def main() -> None:
     with Bench(argparse.Namespace()) as env:
-        from worker.model_config import load_model_config
-        from worker.router import ModelRouter
+        from llm_pool_worker.model_config import load_model_config
+        from llm_pool_worker.router import ModelRouter
 
         router = ModelRouter(load_model_config(env.config))
         await router.warm_up()

@@ -25,9 +25,9 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from client import LLMClient
+from llm_pool_client import LLMClient
+from llm_pool_worker.settings import Settings
 from scripts.localports import free_port, wait_for_port
-from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "scripts" / "standin_model.py"
@@ -163,9 +163,9 @@ def config_path(tmp_path_factory: pytest.TempPathFactory, standin: StandIn) -> P
 
 @pytest.fixture(scope="session")
 async def router(config_path: Path) -> Any:
-    from worker.model_config import load_model_config
-    from worker.router import ModelRouter
-    from worker.transport import Limits
+    from llm_pool_worker.model_config import load_model_config
+    from llm_pool_worker.router import ModelRouter
+    from llm_pool_worker.transport import Limits
 
     model_router = ModelRouter(load_model_config(config_path), limits=Limits(answer_chars=200_000))
     await model_router.warm_up()
@@ -209,7 +209,7 @@ class RunningWorker:
     """A Worker running as a task of the test's event loop."""
 
     def __init__(self, settings: Settings, router: Any) -> None:
-        from worker.service import Worker
+        from llm_pool_worker.service import Worker
 
         self.worker = Worker(settings, router)
         self.ready = asyncio.Event()
@@ -265,13 +265,13 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """``python -m worker`` as its own process, for tests that signal or kill it."""
+    """``python -m llm_pool_worker`` as its own process, for tests that signal or kill it."""
 
     def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
         self.log_path = log_path
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker"], env=worker_env(settings, **env), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT
+            [sys.executable, "-m", "llm_pool_worker"], env=worker_env(settings, **env), stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:

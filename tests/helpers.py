@@ -10,8 +10,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from client import LLMClient
-from contracts import Chunk, Job, decode_heartbeat, decode_reply, encode
+from llm_pool_client import LLMClient
+from llm_pool_contracts import Chunk, Job, decode_heartbeat, decode_reply, encode
 
 
 def user(text: str) -> list[dict[str, Any]]:

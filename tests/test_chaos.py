@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from client import LLMClient
-from contracts import Chunk, Done, Job, decode_reply
+from llm_pool_client import LLMClient
+from llm_pool_contracts import Chunk, Done, Job, decode_reply
 from tests.conftest import RedisServer, StandIn
 from tests.helpers import Listener, in_flight, user, wait_until
 

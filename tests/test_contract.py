@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-import contracts as c
+import llm_pool_contracts as c
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDORED = ROOT / "docs" / "CONTRACT.md"
@@ -265,21 +265,21 @@ def test_size_limit_counts_raw_bytes() -> None:
 
 def test_contracts_imports_only_msgspec() -> None:
     code = (
-        "import sys; before = set(sys.modules); import contracts; "
+        "import sys; before = set(sys.modules); import llm_pool_contracts; "
         "new = {m.split('.')[0] for m in set(sys.modules) - before}; "
         "print(' '.join(sorted(new - set(sys.stdlib_module_names))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert set(out.stdout.split()) <= {"contracts", "msgspec", "typing_extensions"}  # the last is msgspec's own
+    assert set(out.stdout.split()) <= {"llm_pool_contracts", "msgspec", "typing_extensions"}  # the last is msgspec's own
 
 
 def test_the_client_imports_neither_litellm_nor_the_worker() -> None:
-    code = "import sys, client; print('litellm' in sys.modules, 'openai' in sys.modules, 'worker' in sys.modules)"
+    code = "import sys, llm_pool_client; print([m in sys.modules for m in ('litellm', 'openai', 'llm_pool_worker')])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip() == "False False False"
+    assert out.stdout.strip() == "[False, False, False]"
 
 
 def test_the_old_client_import_still_works_with_a_warning() -> None:
-    code = "import warnings; warnings.simplefilter('error'); import worker.client"
+    code = "import warnings; warnings.simplefilter('error'); import llm_pool_worker.client"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT)
     assert "DeprecationWarning" in out.stderr and "client" in out.stderr

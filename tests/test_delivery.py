@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from client import JobFailed, LLMClient
-from contracts import Chunk, Done, Error, ErrorCode, Job, Result, Usage, decode_reply, encode
+from llm_pool_client import JobFailed, LLMClient
+from llm_pool_contracts import Chunk, Done, Error, ErrorCode, Job, Result, Usage, decode_reply, encode
 from tests.conftest import RunningWorker, StandIn
 from tests.helpers import Listener, ghost_takes, marker, user, wait_until
 

@@ -1,5 +1,5 @@
 """The deployment files agree with the worker: their probes are real commands, their entry point is
-`python -m worker`, their stop grace covers the worker's, and their model config passes the check.
+`python -m llm_pool_worker`, their stop grace covers the worker's, and their model config passes the check.
 (This machine has no Docker daemon: the image itself is not built here.)"""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any
 
 import yaml
 
+from llm_pool_worker.cli import parse_args
+from llm_pool_worker.model_config import check_model_config
+from llm_pool_worker.settings import Settings
 from tests.conftest import ROOT
-from worker.cli import parse_args
-from worker.model_config import check_model_config
-from worker.settings import Settings
 
 DEPLOY = ROOT / "deploy"
 GRACE_S = Settings.model_fields["shutdown_grace_s"].default
@@ -27,7 +27,7 @@ def test_kubernetes_probes_run_real_commands_and_the_grace_covers_the_drain(tmp_
     docs = kubernetes()
     spec = docs["Deployment"]["spec"]["template"]["spec"]
     [container] = spec["containers"]
-    assert container["command"] == ["python", "-m", "worker"]
+    assert container["command"] == ["python", "-m", "llm_pool_worker"]
     probes = [container[p]["exec"]["command"] for p in ("startupProbe", "livenessProbe", "readinessProbe")]
     for command in probes:
         assert command[0] == "llm-worker"
@@ -44,7 +44,7 @@ def test_kubernetes_probes_run_real_commands_and_the_grace_covers_the_drain(tmp_
 def test_the_image_runs_the_worker_as_a_user_and_probes_it() -> None:
     lines = [line.split(None, 1) for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
     instructions = {word: rest for word, *rest_list in lines for rest in rest_list}
-    assert instructions["CMD"] == '["python", "-m", "worker"]'
+    assert instructions["CMD"] == '["python", "-m", "llm_pool_worker"]'
     assert instructions["USER"] == "worker"
     assert '"llm-worker", "health"' in instructions["HEALTHCHECK"]
 
@@ -53,12 +53,12 @@ def test_systemd_stops_after_the_drain() -> None:
     unit = configparser.ConfigParser(interpolation=None)
     unit.read(DEPLOY / "llm-worker@.service")
     service = unit["Service"]
-    assert service["ExecStart"].endswith("python -m worker") and service["KillSignal"] == "SIGTERM"
+    assert service["ExecStart"].endswith("python -m llm_pool_worker") and service["KillSignal"] == "SIGTERM"
     assert float(service["TimeoutStopSec"]) > GRACE_S and service["User"] != "root"
 
 
 def test_compose_runs_redis_the_stand_in_two_workers_and_the_gateway() -> None:
-    from worker.cli import parse_args
+    from llm_pool_worker.cli import parse_args
 
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     assert set(services) == {"redis", "model", "worker", "gateway"}

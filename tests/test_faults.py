@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from client import JobFailed, LLMClient, ReplyTimeout
-from contracts import Chunk, Done, Error, ErrorCode, Job, decode_heartbeat, decode_reply
+from llm_pool_client import JobFailed, LLMClient, ReplyTimeout
+from llm_pool_contracts import Chunk, Done, Error, ErrorCode, Job, decode_heartbeat, decode_reply
 from scripts.localports import free_port
 from tests.conftest import ROOT, StandIn, WorkerProcess, worker_env
 from tests.helpers import Listener, ghost_takes, in_flight, marker, most_open_at_once, user, wait_until

@@ -19,12 +19,12 @@ import pytest
 import redis
 import yaml
 
-from contracts import Keys, decode_reply
-from gateway.auth import key_hash, new_api_key
+from llm_pool_contracts import Keys, decode_reply
+from llm_pool_gateway.auth import key_hash, new_api_key
+from llm_pool_worker.settings import Settings
 from scripts.localports import free_port, wait_for_port
 from tests.conftest import ROOT, RedisServer, StandIn, WorkerProcess, model_config
 from tests.helpers import marker
-from worker.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def start_gateway(settings: Settings, log: Path) -> str:
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from worker.cli import main; main(sys.argv[1:])", "gateway", "--port", str(port)],
+        [sys.executable, "-c", "import sys; from llm_pool_worker.cli import main; main(sys.argv[1:])", "gateway", "--port", str(port)],
         env=worker_env(settings), stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
     )
     gateway_procs.append(proc)

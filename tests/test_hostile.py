@@ -16,8 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from client import JobFailed, LLMClient
-from contracts import Chunk, Done, Error, ErrorCode, Result
+from llm_pool_client import JobFailed, LLMClient
+from llm_pool_contracts import Chunk, Done, Error, ErrorCode, Result
 from tests.conftest import RunningWorker, StandIn
 from tests.helpers import Listener, ghost_takes, marker, user, wait_until
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from client import LLMClient, QueueFull
-from contracts import Job
+from llm_pool_client import LLMClient, QueueFull
+from llm_pool_contracts import Job
 from tests.conftest import RunningWorker, StandIn
 from tests.helpers import marker, most_open_at_once, until_stored, user
 

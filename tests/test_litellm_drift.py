@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from client import LLMClient
-from contracts import Chunk, Done
+from llm_pool_client import LLMClient
+from llm_pool_contracts import Chunk, Done
 from tests.conftest import ROOT, worker_env
 from tests.helpers import user
 
@@ -24,7 +24,7 @@ DRIFTS = {
     "none": "",  # the supported litellm: the probe passes, and the worker says nothing
     # a litellm that makes its own HTTP clients instead of using the ones the worker installs
     "ignores-the-installed-client": """
-import litellm, worker.router as router, worker.transport as transport
+import litellm, llm_pool_worker.router as router, llm_pool_worker.transport as transport
 from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
 def drifted(*args, **kwargs):
     installed = transport.install_transport(*args, **kwargs)
@@ -35,7 +35,7 @@ router.install_transport = drifted
     # a litellm that renamed a hook the transport is built with (litellm itself has moved on to the
     # new name, so only the worker's lookup fails; deleting the name would break litellm too)
     "lacks-a-hook": """
-import worker.router as router
+import llm_pool_worker.router as router
 def renamed(*args, **kwargs):
     raise AttributeError("type object 'AsyncHTTPHandler' has no attribute 'create_httpx_proxy_mounts'")
 router.install_transport = renamed
@@ -50,7 +50,7 @@ async def test_a_drifted_litellm_is_named_once_and_served_on_its_own_path(
     drift: str, settings: Any, client: LLMClient, tmp_path: Path
 ) -> None:
     log = tmp_path / "worker.log"
-    code = DRIFTS[drift] + "\nfrom worker.cli import main\nmain(['run'])\n"
+    code = DRIFTS[drift] + "\nfrom llm_pool_worker.cli import main\nmain(['run'])\n"
     proc = subprocess.Popen([sys.executable, "-c", code], env=worker_env(settings), cwd=ROOT,
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import JobFailed, LLMClient
+from llm_pool_client import JobFailed, LLMClient
 from scripts.localports import free_port, wait_for_port
 from tests.conftest import ROOT
 from tests.helpers import user
@@ -63,7 +63,7 @@ async def test_metrics_count_what_the_worker_did(spawn_worker: Any, client: LLMC
 
 
 def test_the_dashboard_asks_only_for_metrics_the_worker_has() -> None:
-    from worker.metrics import Metrics
+    from llm_pool_worker.metrics import Metrics
 
     exposed = {m.name for m in Metrics(tenant_label=True).registry.collect()}
     names = set(re.findall(r"llm_worker_[a-z_]+", json.dumps(json.loads(DASHBOARD.read_text()))))
@@ -73,7 +73,7 @@ def test_the_dashboard_asks_only_for_metrics_the_worker_has() -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    from worker.metrics import Metrics
+    from llm_pool_worker.metrics import Metrics
 
     readme = (ROOT / "README.md").read_text()
     for metric in Metrics().registry.collect():

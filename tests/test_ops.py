@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from contracts import Heartbeat, Job, Result, encode
+from llm_pool_contracts import Heartbeat, Job, Result, encode
 from tests.conftest import ROOT, worker_env
 from tests.helpers import ghost_takes, marker, user, wait_until
 

@@ -16,11 +16,11 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from contracts import ErrorCode
-from worker.assembly import AnswerTooLarge, StreamAssembler
-from worker.errors import judge
-from worker.lean import AnthropicStream, LineReader, OpenAIStream, ProviderFault, StreamBroken, read_rest
-from worker.transport import BodyTooLarge, Limits, ProviderTransport, TappedStream, _Bounded, sane_usage
+from llm_pool_contracts import ErrorCode
+from llm_pool_worker.assembly import AnswerTooLarge, StreamAssembler
+from llm_pool_worker.errors import judge
+from llm_pool_worker.lean import AnthropicStream, LineReader, OpenAIStream, ProviderFault, StreamBroken, read_rest
+from llm_pool_worker.transport import BodyTooLarge, Limits, ProviderTransport, TappedStream, _Bounded, sane_usage
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OPENAI = (FIXTURES / "openai_stream.sse").read_bytes()

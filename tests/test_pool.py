@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from client import LLMClient
-from contracts import Done
+from llm_pool_client import LLMClient
+from llm_pool_contracts import Done
 from tests.conftest import StandIn
 from tests.helpers import marker, user
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from client import JobFailed, LLMClient
-from contracts import Chunk, Done, ErrorCode, Params, decode_reply
+from llm_pool_client import JobFailed, LLMClient
+from llm_pool_contracts import Chunk, Done, ErrorCode, Params, decode_reply
 from tests.helpers import user
 
 PROVIDERS = {

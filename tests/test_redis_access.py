@@ -20,14 +20,14 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from client import JobFailed, LLMClient
-from contracts import Done, ErrorCode, Job, Keys, Result
+from llm_pool_client import JobFailed, LLMClient
+from llm_pool_contracts import Done, ErrorCode, Job, Keys, Result
+from llm_pool_worker.permissions import WORKER_COMMANDS, AccessRefused, acl_setuser, check_worker_access
 from scripts.localports import free_port, wait_for_port
 from tests.conftest import RedisServer, RunningWorker, StandIn
 from tests.helpers import ghost_takes, marker, user, wait_until
 from tests.test_hostile import private_ca
 from tests.test_ops import llm_worker
-from worker.permissions import WORKER_COMMANDS, AccessRefused, acl_setuser, check_worker_access
 
 PASSWORD = "s3cret-pool-pw"
 
@@ -197,7 +197,7 @@ async def test_worker_and_client_over_tls_with_a_password(tls_redis: str, settin
 
 
 def test_the_readme_lists_the_commands_each_part_runs() -> None:
-    from worker.permissions import ROLES
+    from llm_pool_worker.permissions import ROLES
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme.split("<!-- commands:", 1)[1].split("\n\n", 1)[0]

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from client import LLMClient
-from contracts import Chunk, Done
+from llm_pool_client import LLMClient
+from llm_pool_contracts import Chunk, Done
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 # A subscriber of its own: streams a resumable job and prints each chunk as a JSON line, until killed.
 SUBSCRIBER = """
 import asyncio, json, sys
-from client import LLMClient
+from llm_pool_client import LLMClient
 
 async def main(url, prefix, rid, prompt, model):
     async with LLMClient.from_url(url, prefix=prefix) as client:

@@ -30,8 +30,8 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from client import LLMClient
-from contracts import LANES, Error, Job, decode_reply
+from llm_pool_client import LLMClient
+from llm_pool_contracts import LANES, Error, Job, decode_reply
 from tests.conftest import RedisServer, StandIn
 from tests.helpers import user
 

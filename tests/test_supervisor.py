@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from client import LLMClient
-from contracts import Result
+from llm_pool_client import LLMClient
+from llm_pool_contracts import Result
 from tests.conftest import RedisServer, StandIn
 from tests.helpers import marker, user
 
@@ -36,7 +36,7 @@ async def until_ready(process: Any, count: int, timeout: float = 30) -> list[dic
 
 
 def child_pids(supervisor_pid: int) -> set[int]:
-    from worker.ops import parent_pid
+    from llm_pool_worker.ops import parent_pid
 
     return {int(entry) for entry in os.listdir("/proc") if entry.isdigit() and parent_pid(int(entry)) == supervisor_pid}
 

@@ -13,11 +13,11 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from client import JobFailed, LLMClient
-from contracts import ErrorCode, Job, decode_reply
+from llm_pool_client import JobFailed, LLMClient
+from llm_pool_contracts import ErrorCode, Job, decode_reply
+from llm_pool_worker.model_config import check_model_config
 from tests.conftest import StandIn
 from tests.helpers import marker, most_open_at_once, until_stored, user
-from worker.model_config import check_model_config
 
 
 async def test_a_tenant_past_its_daily_budget_is_refused_without_a_model_call(

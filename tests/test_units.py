@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from contracts import Chunk, Done, Error, ErrorCode, Keys, Usage, decode_reply, encode
-from worker.connections import ensure_group
-from worker.finisher import DeadLetter, Finish, Outcome
-from worker.inbox import Ack
-from worker.model_config import ConfigError, load_model_config, parse_model_config
-from worker.publisher import Publisher
-from worker.settings import BUNDLED_CONFIG, Settings
+from llm_pool_contracts import Chunk, Done, Error, ErrorCode, Keys, Usage, decode_reply, encode
+from llm_pool_worker.connections import ensure_group
+from llm_pool_worker.finisher import DeadLetter, Finish, Outcome
+from llm_pool_worker.inbox import Ack
+from llm_pool_worker.model_config import ConfigError, load_model_config, parse_model_config
+from llm_pool_worker.publisher import Publisher
+from llm_pool_worker.settings import BUNDLED_CONFIG, Settings
 
 
 def entry(group: str, model: str, **params: Any) -> dict[str, Any]:

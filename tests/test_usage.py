@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from client import JobFailed, LLMClient
-from contracts import Job, Result, Usage, encode
+from llm_pool_client import JobFailed, LLMClient
+from llm_pool_contracts import Job, Result, Usage, encode
 from tests.conftest import ROOT, RunningWorker, StandIn, worker_env
 from tests.helpers import ghost_takes, in_flight, marker, user, wait_until
 

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from client import JobFailed, LLMClient, ReplyTimeout
-from contracts import Chunk, Error, ErrorCode, Job, Result, decode_heartbeat, decode_reply, encode
+from llm_pool_client import JobFailed, LLMClient, ReplyTimeout
+from llm_pool_contracts import Chunk, Error, ErrorCode, Job, Result, decode_heartbeat, decode_reply, encode
 from tests.helpers import user
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from contracts import FunctionCall, ToolCall, Usage
+from llm_pool_contracts import FunctionCall, ToolCall, Usage
 
 
 @dataclass(slots=True)

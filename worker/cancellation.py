@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from worker.backoff import Backoff, Stopped, describe, pause
+from llm_pool_worker.backoff import Backoff, Stopped, describe, pause
 
 log = structlog.get_logger(__name__)
 

@@ -21,8 +21,8 @@ import redis.asyncio as aioredis
 import structlog
 import uvloop
 
-from worker.logs import configure_logging, secrets_of
-from worker.settings import Settings
+from llm_pool_worker.logs import configure_logging, secrets_of
+from llm_pool_worker.settings import Settings
 
 log = structlog.get_logger("worker")
 
@@ -73,8 +73,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def show_status(settings: Settings, args: argparse.Namespace) -> int:
-    from contracts import Keys
-    from worker.ops import gather_status, status_tables
+    from llm_pool_contracts import Keys
+    from llm_pool_worker.ops import gather_status, status_tables
 
     redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5)
     keys = Keys(settings.prefix)
@@ -145,9 +145,9 @@ def add_gateway_commands(commands: Any) -> None:
 
 
 async def api_keys(settings: Settings, args: argparse.Namespace) -> int:
-    from contracts import Keys, is_ident
-    from gateway.auth import ApiKeys, key_hash
-    from worker.model_config import DECLARED, load_model_config
+    from llm_pool_contracts import Keys, is_ident
+    from llm_pool_gateway.auth import ApiKeys, key_hash
+    from llm_pool_worker.model_config import DECLARED, load_model_config
 
     if args.key_command == "hash":
         print(key_hash(sys.stdin.readline().strip()))
@@ -195,8 +195,8 @@ def add_dead_commands(commands: Any) -> None:
 
 
 async def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from contracts import Keys
-    from worker import deadletters
+    from llm_pool_contracts import Keys
+    from llm_pool_worker import deadletters
 
     keys = Keys(settings.prefix)
     redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
@@ -221,8 +221,8 @@ async def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def replay_dead(redis: aioredis.Redis, keys: Any, settings: Settings, args: argparse.Namespace) -> int:
-    from contracts import InvalidJob
-    from worker import deadletters
+    from llm_pool_contracts import InvalidJob
+    from llm_pool_worker import deadletters
 
     if args.all:
         entries = await deadletters.list_dead(redis, keys, args.code, limit=1_000_000)
@@ -308,10 +308,10 @@ class Signals:
 
 async def serve(settings: Settings, config: Any = None, signals: Signals | None = None) -> None:
     """One worker's life; ``config`` when a supervisor loaded (and checked) it before forking."""
-    from worker.model_config import load_model_config
-    from worker.router import ModelRouter, SharedState
-    from worker.service import Worker
-    from worker.transport import limits_of
+    from llm_pool_worker.model_config import load_model_config
+    from llm_pool_worker.router import ModelRouter, SharedState
+    from llm_pool_worker.service import Worker
+    from llm_pool_worker.transport import limits_of
 
     signals = signals or Signals()
     shared = SharedState(settings.redis_url.get_secret_value(), f"{settings.prefix}:router") if settings.shared_router_state else None
@@ -328,7 +328,7 @@ async def serve(settings: Settings, config: Any = None, signals: Signals | None 
 
 
 async def ask(settings: Settings, args: argparse.Namespace) -> int:
-    from client import JobFailed, LLMClient, ReplyTimeout
+    from llm_pool_client import JobFailed, LLMClient, ReplyTimeout
 
     async with LLMClient.from_url(settings.redis_url.get_secret_value(), prefix=settings.prefix) as client:
         messages = [{"role": "user", "content": args.prompt}]
@@ -351,7 +351,7 @@ async def ask(settings: Settings, args: argparse.Namespace) -> int:
 async def _print_stream(client: Any, args: argparse.Namespace, messages: list[dict[str, Any]], request_id: str) -> int:
     """Print tokens as they arrive. When the job starts again (a higher ``attempt``), the text so
     far is void: say so and print the new attempt from its start."""
-    from contracts import Chunk
+    from llm_pool_contracts import Chunk
 
     attempt, line_open = 0, False
     try:
@@ -379,8 +379,8 @@ USAGE_COLUMNS = ("tenant_id", "group", "day", "requests", "prompt_tokens", "comp
 
 async def usage(settings: Settings, args: argparse.Namespace) -> int:
     """The ledger summed per tenant and group (or day), as a table, JSON lines or CSV."""
-    from client import LLMClient, UsageRow
-    from client.usage import as_dict
+    from llm_pool_client import LLMClient, UsageRow
+    from llm_pool_client.usage import as_dict
 
     async with LLMClient.from_url(settings.redis_url.get_secret_value(), prefix=settings.prefix) as client:
         rows = await client.usage(args.tenant, args.since, args.until)
@@ -437,8 +437,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def probe(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.model_config import ConfigError, load_model_config
-    from worker.ops import Unhealthy, check_health, check_ready, describe_models
+    from llm_pool_worker.model_config import ConfigError, load_model_config
+    from llm_pool_worker.ops import Unhealthy, check_health, check_ready, describe_models
 
     try:
         if args.command == "models":
@@ -455,10 +455,10 @@ def probe(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def serve_gateway(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.model_config import ConfigError
+    from llm_pool_worker.model_config import ConfigError
 
     try:
-        from gateway.server import serve as serve_http
+        from llm_pool_gateway.server import serve as serve_http
     except ImportError as exc:
         raise UsageError(f"the gateway needs the [gateway] extra: pip install 'llm-pool-worker[gateway]' ({exc.name} is missing)") from None
     try:
@@ -470,10 +470,10 @@ def serve_gateway(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_supervised(settings: Settings) -> int:
     """``--processes N``: what every worker would load, loaded once; then N forked workers."""
-    import worker.service  # noqa: F401  # the import graph every child needs: litellm above all
-    from worker.model_config import load_model_config
-    from worker.router import preload
-    from worker.supervisor import Supervisor, reserve_for_forking
+    import llm_pool_worker.service  # noqa: F401  # the import graph every child needs: litellm above all
+    from llm_pool_worker.model_config import load_model_config
+    from llm_pool_worker.router import preload
+    from llm_pool_worker.supervisor import Supervisor, reserve_for_forking
 
     config = load_model_config(settings.config, check=True)  # a bad config is refused once, before any fork
     uvloop.run(preload(config))
@@ -492,7 +492,7 @@ def run_supervised(settings: Settings) -> int:
 
 
 async def _serve_forked(settings: Settings, config: Any) -> None:
-    from worker.permissions import AccessRefused
+    from llm_pool_worker.permissions import AccessRefused
 
     try:
         await serve(settings, config, Signals((signal.SIGTERM,), same_stop_s=1.0))
@@ -506,7 +506,7 @@ ASYNC_COMMANDS: dict[str, Any] = {"dead": dead_letters, "status": show_status, "
 
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "check-config":
-        from worker.model_config import check_model_config
+        from llm_pool_worker.model_config import check_model_config
 
         problems = check_model_config(args.file)
         print("\n".join(problems) or f"{args.file}: ok")
@@ -514,7 +514,7 @@ def run_command(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     configure_logging(settings.log_level, settings.log_format, secrets_of(settings.redis_url.get_secret_value()))
     if args.command == "acl":
-        from worker.permissions import acl_setuser
+        from llm_pool_worker.permissions import acl_setuser
 
         print(acl_setuser(settings.prefix, args.user, tuple(args.role or ("worker", "client", "operator"))))
         return 0
@@ -528,9 +528,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def run_worker(settings: Settings) -> int:
-    from worker.model_config import ConfigError
-    from worker.permissions import AccessRefused
-    from worker.supervisor import ForkUnsafe
+    from llm_pool_worker.model_config import ConfigError
+    from llm_pool_worker.permissions import AccessRefused
+    from llm_pool_worker.supervisor import ForkUnsafe
 
     try:
         if settings.processes > 1:

@@ -14,8 +14,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
 
-from contracts import LANES, Keys
-from worker.settings import Settings
+from llm_pool_contracts import LANES, Keys
+from llm_pool_worker.settings import Settings
 
 #: What Redis says when the group or its stream is gone (an operator's DEL, a flush, a restart without
 #: persistence). Readers create both again and carry on.

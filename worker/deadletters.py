@@ -14,7 +14,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from contracts import InvalidJob, Keys, decode_job, readable_request_id
+from llm_pool_contracts import InvalidJob, Keys, decode_job, readable_request_id
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,9 +23,9 @@ import openai
 from litellm import exceptions as llm_errors
 from litellm.types.router import RouterRateLimitError
 
-from contracts import ErrorCode
-from worker.assembly import AnswerTooLarge
-from worker.lean import StreamBroken
+from llm_pool_contracts import ErrorCode
+from llm_pool_worker.assembly import AnswerTooLarge
+from llm_pool_worker.lean import StreamBroken
 
 #: Every exception a model call may end with that is the provider's doing, or litellm's.
 CALL_FAILURES = (openai.OpenAIError, RouterRateLimitError, StreamBroken, AnswerTooLarge)

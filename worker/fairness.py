@@ -27,10 +27,10 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
-from contracts import Keys
-from worker.backoff import REDIS_DOWN, describe
-from worker.inbox import Delivery, Inbox
-from worker.model_config import TenantLimits
+from llm_pool_contracts import Keys
+from llm_pool_worker.backoff import REDIS_DOWN, describe
+from llm_pool_worker.inbox import Delivery, Inbox
+from llm_pool_worker.model_config import TenantLimits
 
 log = structlog.get_logger(__name__)
 

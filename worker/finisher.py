@@ -24,9 +24,9 @@ from enum import StrEnum
 
 from redis.typing import EncodableT
 
-from contracts import CHUNK_LOG_MAX, Done, Terminal, encode
-from worker.inbox import Ack
-from worker.ledger import LedgerEntry
+from llm_pool_contracts import CHUNK_LOG_MAX, Done, Terminal, encode
+from llm_pool_worker.inbox import Ack
+from llm_pool_worker.ledger import LedgerEntry
 
 # KEYS: jobs stream, result key, dead-letter stream, usage ledger, the tenant's set of running jobs
 # (the waiting room's), a resumable job's reply stream. A key not needed is given as the jobs stream again: every key must be a

@@ -15,8 +15,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
-from contracts import Heartbeat, encode
-from worker.backoff import REDIS_DOWN, describe
+from llm_pool_contracts import Heartbeat, encode
+from llm_pool_worker.backoff import REDIS_DOWN, describe
 
 log = structlog.get_logger(__name__)
 

@@ -23,11 +23,11 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
-from contracts import Keys
-from worker.backoff import REDIS_DOWN, Backoff, Stopped, describe, jittered, pause, until_redis
-from worker.connections import backlog, ensure_group, group_gone
-from worker.lanes import Lane, Slots
-from worker.recovery import Reclaimer
+from llm_pool_contracts import Keys
+from llm_pool_worker.backoff import REDIS_DOWN, Backoff, Stopped, describe, jittered, pause, until_redis
+from llm_pool_worker.connections import backlog, ensure_group, group_gone
+from llm_pool_worker.lanes import Lane, Slots
+from llm_pool_worker.recovery import Reclaimer
 
 log = structlog.get_logger(__name__)
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
-from contracts import Keys
+from llm_pool_contracts import Keys
 
 T = TypeVar("T")
 

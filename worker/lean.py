@@ -1,7 +1,7 @@
 """The lean stream path: litellm's Router opens a stream, the worker parses its bytes.
 
 litellm spends about half a millisecond of CPU on each streamed chunk; parsing the SSE line once
-costs a few microseconds. So the provider transport (``worker.transport``) splits a tagged event
+costs a few microseconds. So the provider transport (``llm_pool_worker.transport``) splits a tagged event
 stream after its first event with content: litellm gets that head and a synthetic end, and
 :func:`read_rest` parses the rest here. Two wire formats are understood: OpenAI's chat chunks
 (OpenAI, vLLM, Ollama's /v1, ...) and Anthropic's message events.
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import msgspec
 
-from worker.assembly import StreamAssembler
+from llm_pool_worker.assembly import StreamAssembler
 
 if TYPE_CHECKING:
-    from worker.transport import TappedStream
+    from llm_pool_worker.transport import TappedStream
 
 OnText = Callable[[str], bool]
 SLICE_S = 0.002  # the longest a parse runs before the event loop gets a turn

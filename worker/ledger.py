@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from contracts import LEDGER_SEP, Error, Keys, Terminal
+from llm_pool_contracts import LEDGER_SEP, Error, Keys, Terminal
 
 NANO = 1_000_000_000
 

@@ -14,9 +14,9 @@ import redis.asyncio as aioredis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from contracts import LANES, Error, Keys, Terminal
-from worker.backoff import REDIS_DOWN
-from worker.connections import group_figures
+from llm_pool_contracts import LANES, Error, Keys, Terminal
+from llm_pool_worker.backoff import REDIS_DOWN
+from llm_pool_worker.connections import group_figures
 
 log = structlog.get_logger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import yaml
 
-from contracts import is_ident
+from llm_pool_contracts import is_ident
 
 log = structlog.get_logger(__name__)
 
@@ -259,7 +259,7 @@ def _router_problems(raw: Mapping[str, Any], at: _Lines) -> list[str]:
 
 def _router_arguments() -> frozenset[str]:
 
-    from worker.router import router_arguments  # sets litellm up (a local price map) before importing it
+    from llm_pool_worker.router import router_arguments  # sets litellm up (a local price map) before importing it
 
     return frozenset(router_arguments())
 

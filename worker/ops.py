@@ -10,11 +10,11 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from contracts import LANES, Heartbeat, InvalidMessage, Keys, decode_heartbeat
-from worker.backoff import REDIS_DOWN, describe
-from worker.connections import group_figures, redis_target
-from worker.model_config import ModelConfig, load_model_config
-from worker.settings import Settings
+from llm_pool_contracts import LANES, Heartbeat, InvalidMessage, Keys, decode_heartbeat
+from llm_pool_worker.backoff import REDIS_DOWN, describe
+from llm_pool_worker.connections import group_figures, redis_target
+from llm_pool_worker.model_config import ModelConfig, load_model_config
+from llm_pool_worker.settings import Settings
 
 
 class Unhealthy(Exception):

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from contracts import Keys
+from llm_pool_contracts import Keys
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")

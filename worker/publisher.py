@@ -25,9 +25,9 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import NoScriptError
 
-from contracts import CHUNK_LOG_MAX, Chunk, Keys, encode
-from worker.backoff import REDIS_DOWN, Backoff, describe
-from worker.finisher import FINISH_SCRIPT, Finish, Outcome
+from llm_pool_contracts import CHUNK_LOG_MAX, Chunk, Keys, encode
+from llm_pool_worker.backoff import REDIS_DOWN, Backoff, describe
+from llm_pool_worker.finisher import FINISH_SCRIPT, Finish, Outcome
 
 log = structlog.get_logger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 import structlog
 
-from contracts import Keys
+from llm_pool_contracts import Keys
 
 log = structlog.get_logger(__name__)
 

@@ -26,13 +26,13 @@ import litellm
 import structlog
 from litellm.router import Router
 
-from contracts import ErrorCode, Job, ToolCall, Usage
-from worker import selfcheck
-from worker.assembly import AnswerTooLarge, Completion, StreamAssembler
-from worker.errors import CALL_FAILURES, describe, judge
-from worker.lean import SLICE_S, StreamBroken, read_rest
-from worker.model_config import PRICE_KEYS, Deployment, ModelConfig
-from worker.transport import CALL_HEADER, Limits, ProviderTransport, install_transport
+from llm_pool_contracts import ErrorCode, Job, ToolCall, Usage
+from llm_pool_worker import selfcheck
+from llm_pool_worker.assembly import AnswerTooLarge, Completion, StreamAssembler
+from llm_pool_worker.errors import CALL_FAILURES, describe, judge
+from llm_pool_worker.lean import SLICE_S, StreamBroken, read_rest
+from llm_pool_worker.model_config import PRICE_KEYS, Deployment, ModelConfig
+from llm_pool_worker.transport import CALL_HEADER, Limits, ProviderTransport, install_transport
 
 log = structlog.get_logger(__name__)
 
@@ -350,8 +350,8 @@ class ModelRouter:
         """A streamed answer: ``on_text`` sees each piece of text as it arrives.
 
         With lean streams on, litellm reads the stream up to its first token and the rest is
-        parsed here (see ``worker.lean``); other providers stay on litellm's path throughout.
-        A failure after chunks were sent is judged here, not by litellm (``worker.errors``).
+        parsed here (see ``llm_pool_worker.lean``); other providers stay on litellm's path throughout.
+        A failure after chunks were sent is judged here, not by litellm (``llm_pool_worker.errors``).
         ``router``: another Router than the serving one (the start-up probe's).
         """
         answer = StreamAssembler(self.limits.answer_chars)

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from contracts import (
+from llm_pool_contracts import (
     Done,
     Error,
     ErrorCode,
@@ -34,15 +34,15 @@ from contracts import (
     decode_job,
     decode_reply,
 )
-from worker.assembly import Completion
-from worker.backoff import REDIS_DOWN, Stopped, until_redis
-from worker.finisher import DeadLetter, Finish, Outcome
-from worker.inbox import Delivery, Owner
-from worker.ledger import LedgerEntry, ledger_entry, over_budget
-from worker.metrics import Metrics
-from worker.publisher import Publisher, ReplyStream
-from worker.router import ModelRouter, OnText, RouteError
-from worker.settings import Settings
+from llm_pool_worker.assembly import Completion
+from llm_pool_worker.backoff import REDIS_DOWN, Stopped, until_redis
+from llm_pool_worker.finisher import DeadLetter, Finish, Outcome
+from llm_pool_worker.inbox import Delivery, Owner
+from llm_pool_worker.ledger import LedgerEntry, ledger_entry, over_budget
+from llm_pool_worker.metrics import Metrics
+from llm_pool_worker.publisher import Publisher, ReplyStream
+from llm_pool_worker.router import ModelRouter, OnText, RouteError
+from llm_pool_worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 

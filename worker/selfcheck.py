@@ -17,7 +17,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
-from contracts import Job
+from llm_pool_contracts import Job
 
 PROBE_GROUP: Final = "llm-worker-lean-probe"
 WORDS: Final = ("lean", " path", " probe")

@@ -16,21 +16,21 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from contracts import Heartbeat, Keys
-from worker import __version__
-from worker.backoff import Stopped, until_redis
-from worker.cancellation import CancelListener
-from worker.connections import connect, consumer_name, ensure_group, redis_target
-from worker.fairness import ParkingInbox, TakingInbox, WaitingRoom, limits_table
-from worker.heartbeat import HeartbeatKeeper
-from worker.inbox import Inbox, InboxLimits
-from worker.lanes import Lane, Slots, merged
-from worker.metrics import Metrics
-from worker.permissions import AccessRefused, check_worker_access
-from worker.publisher import Publisher
-from worker.router import ModelRouter
-from worker.runner import JobRunner, Stats, now_ms
-from worker.settings import Settings
+from llm_pool_contracts import Heartbeat, Keys
+from llm_pool_worker import __version__
+from llm_pool_worker.backoff import Stopped, until_redis
+from llm_pool_worker.cancellation import CancelListener
+from llm_pool_worker.connections import connect, consumer_name, ensure_group, redis_target
+from llm_pool_worker.fairness import ParkingInbox, TakingInbox, WaitingRoom, limits_table
+from llm_pool_worker.heartbeat import HeartbeatKeeper
+from llm_pool_worker.inbox import Inbox, InboxLimits
+from llm_pool_worker.lanes import Lane, Slots, merged
+from llm_pool_worker.metrics import Metrics
+from llm_pool_worker.permissions import AccessRefused, check_worker_access
+from llm_pool_worker.publisher import Publisher
+from llm_pool_worker.router import ModelRouter
+from llm_pool_worker.runner import JobRunner, Stats, now_ms
+from llm_pool_worker.settings import Settings
 
 log = structlog.get_logger(__name__)
 

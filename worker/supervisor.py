@@ -31,7 +31,7 @@ from typing import Final
 
 import structlog
 
-from worker.backoff import Backoff
+from llm_pool_worker.backoff import Backoff
 
 log = structlog.get_logger(__name__)
 

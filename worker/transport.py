@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 import httpx
 import msgspec
 
-from worker.assembly import token_count
-from worker.lean import Dialect, LineReader, ProviderFault, dialect_of
-from worker.settings import Settings
+from llm_pool_worker.assembly import token_count
+from llm_pool_worker.lean import Dialect, LineReader, ProviderFault, dialect_of
+from llm_pool_worker.settings import Settings
 
 CALL_HEADER = "x-llm-pool-call"
 _CALL_KEY = CALL_HEADER.encode()
