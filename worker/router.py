@@ -27,7 +27,7 @@ import structlog
 from litellm.router import Router
 
 from llm_pool_contracts import ErrorCode, Job, ToolCall, Usage
-from llm_pool_worker import selfcheck
+from llm_pool_worker import litellm_parts, selfcheck
 from llm_pool_worker.assembly import AnswerTooLarge, Completion, StreamAssembler
 from llm_pool_worker.errors import CALL_FAILURES, describe, judge
 from llm_pool_worker.lean import SLICE_S, StreamBroken, read_rest
@@ -160,12 +160,11 @@ def price_of(deployment: Deployment) -> Price | None:
 async def close_stream(stream: Any) -> None:
     """Close the provider connection of a stream that ended early (cancelled, timed out, broken).
 
-    litellm's Router returns a wrapper around an async generator; closing the generator closes
-    the HTTP response. A stream read to its end is already closed, and closing again is a no-op.
+    litellm's Router returns a wrapper whose ``aclose`` closes the HTTP response. A stream read to
+    its end is already closed, and closing again is a no-op. A litellm without it leaves the
+    connection to the transport, which closes every body of a call when the call is over.
     """
-    if stream is None:
-        return
-    close = getattr(stream, "aclose", None) or getattr(getattr(stream, "_async_generator", None), "aclose", None)
+    close = getattr(stream, "aclose", None)
     if close is not None:
         with contextlib.suppress(Exception):
             await asyncio.shield(close())
@@ -221,12 +220,17 @@ class ModelRouter:
         """
         messages = [{"role": "user", "content": "warm-up"}]
         assert self._warming is not None, "warm_up() runs once"
+        answers = []
         for stream in (False, True):
             for group in sorted(self.groups):
                 response = await self._warming.acompletion(model=group, messages=messages, mock_response="ok", stream=stream)
                 if stream:
                     async for _ in response:
                         pass
+                answers.append(response)
+        if missing := litellm_parts.missing(self._warming, answers, self._deployments.keys()):
+            log.warning("this litellm lacks parts the worker reads; serving without them", litellm=litellm_version(),
+                        missing=missing)
         await self._check_lean_path()
         # Everything alive now (litellm's large import graph above all) lives as long as the process:
         # take it out of the collector's reach. A full collection then takes ~0.1 s instead of ~0.3 s,
@@ -266,6 +270,17 @@ class ModelRouter:
             if self._warming is not None:
                 raise RuntimeError("ModelRouter.warm_up() must run before open()")
             self._serving = self._make_router(self._shared)
+            self._check_token_counting()
+
+    def _check_token_counting(self) -> None:
+        """A lean stream's tokens reach a deployment's ``tpm`` only through litellm's check. Without
+        it, streams take litellm's own path, which counts them itself: slower, never over a limit."""
+        if not self.lean_streams or not any(d.params.get("tpm") for d in self.config.deployments):
+            return
+        if litellm_parts.rate_limit_check(self._serving) is None:
+            log.warning("this litellm lacks the check that counts tokens against tpm; serving streams on litellm's "
+                        "own path", litellm=litellm_version(), missing="Router.optional_callbacks: ModelRateLimitingCheck")
+            self.lean_streams = False
 
     @property
     def _router(self) -> Any:
@@ -344,7 +359,7 @@ class ModelRouter:
             usage = getattr(response, "usage", None)
             answer.set_usage(getattr(usage, "prompt_tokens", None), getattr(usage, "completion_tokens", None))
             answer.finish_reason = choice.finish_reason
-            return self._finish(job, getattr(response, "_hidden_params", None) or {}, answer)
+            return self._finish(job, litellm_parts.hidden_params(response), answer)
 
     async def stream(self, job: Job, on_text: OnText, router: Any = None) -> Completion:
         """A streamed answer: ``on_text`` sees each piece of text as it arrives.
@@ -369,7 +384,7 @@ class ModelRouter:
                     if self._take_chunk(chunk, answer, on_text) or loop.time() >= turn_at:
                         await asyncio.sleep(0)  # let the publisher send the batch; never hold the loop long
                         turn_at = loop.time() + SLICE_S
-                hidden = getattr(stream, "_hidden_params", None) or {}
+                hidden = litellm_parts.hidden_params(stream)
                 if tapped is None and self.transport.record(tag).split:
                     raise StreamBroken("the rest of the stream was parked and never taken")  # never one token as a whole answer
                 if tapped is not None:
@@ -380,7 +395,7 @@ class ModelRouter:
             except CALL_FAILURES as exc:
                 if not answer.chunks_seen:
                     raise
-                self._broken_after_chunks(job, hidden or getattr(stream, "_hidden_params", None) or {}, exc)
+                self._broken_after_chunks(job, hidden or litellm_parts.hidden_params(stream), exc)
             finally:
                 await close_stream(stream)
         return self._finish(job, hidden, answer)
@@ -394,10 +409,9 @@ class ModelRouter:
             return
         payload = {"standard_logging_object": {
             "model_id": deployment.id, "total_tokens": total, "hidden_params": {"litellm_model_name": deployment.model}}}
-        for check in getattr(self._router, "optional_callbacks", None) or ():
-            if type(check).__name__ == "ModelRateLimitingCheck":
-                with contextlib.suppress(Exception):  # a count lost is a limit less exact, never a failed job
-                    await check.async_log_success_event(payload, None, None, None)
+        if (check := litellm_parts.rate_limit_check(self._router)) is not None:
+            with contextlib.suppress(Exception):  # a count lost is a limit less exact, never a failed job
+                await check.async_log_success_event(payload, None, None, None)
 
     def _broken_after_chunks(self, job: Job, hidden: Mapping[str, Any], exc: BaseException) -> None:
         verdict = judge(exc, chunks_sent=True)
@@ -431,14 +445,16 @@ class ModelRouter:
         elsewhere: litellm counts only failures before the first chunk. A group's only deployment
         is left alone, as litellm leaves it."""
         deployment = self.deployment(hidden.get("model_id"))
-        if deployment is None or sum(d.group == deployment.group for d in self.config.deployments) < 2:
+        store = litellm_parts.cooldowns(self._router)
+        if store is None or deployment is None or sum(d.group == deployment.group for d in self.config.deployments) < 2:
             return
         status = getattr(exc, "status_code", None)
-        with contextlib.suppress(Exception):  # best effort: the restart works without it, if less well
-            self._router.health().cooldowns.add_deployment_to_cooldown(
-                deployment.id, exc, status if isinstance(status, int) else 500, None
-            )
-        log.warning("deployment cooled down after a broken stream", deployment=deployment.model)
+        try:
+            store.add_deployment_to_cooldown(deployment.id, exc, status if isinstance(status, int) else 500, None)
+        except Exception as cause:  # noqa: BLE001  # best effort: the restart works without it, if less well
+            log.warning("a deployment could not be cooled down", deployment=deployment.model, error=describe_exc(cause))
+        else:
+            log.warning("deployment cooled down after a broken stream", deployment=deployment.model)
 
     def _require_group(self, group: str) -> None:
         if group not in self.groups:

@@ -87,6 +87,7 @@ class CallRecord:
     too_large: bool = False
     split: bool = False  # litellm got a head and a synthetic end: the rest must be read from `parked`
     parked: TappedStream | None = None
+    streams: list[httpx.Response] = field(default_factory=list)  # closed when the call is over
 
 
 @dataclass
@@ -256,10 +257,16 @@ class ProviderTransport(httpx.AsyncBaseTransport):
         return parked
 
     async def forget(self, tag: str) -> None:
-        """The call is over: close a parked body nobody will read, and drop the record."""
+        """The call is over: close a parked body nobody will read, and any stream litellm left open
+        (one that ended early on its path, if this litellm's wrapper cannot be closed), and drop the record."""
         record = self.calls.pop(tag, None)
-        if record is not None and record.parked is not None:
+        if record is None:
+            return
+        if record.parked is not None:
             await record.parked.aclose()
+        for response in record.streams:  # closing a closed response is a no-op
+            with contextlib.suppress(Exception):
+                await response.aclose()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -275,6 +282,8 @@ class ProviderTransport(httpx.AsyncBaseTransport):
         response = await self.inner.handle_async_request(request)
         if record is not None:
             record.sent += 1
+            if streaming:
+                record.streams.append(response)
         if response.status_code != 200:
             return response
         content_type = response.headers.get("content-type", "")
