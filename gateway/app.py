@@ -88,7 +88,7 @@ class Gateway:
         try:
             first = await first_reply(request, replies)
         except QueueFull as exc:
-            return Response(error("queue_full", str(exc), 503), 503, headers | {"retry-after": "1"}, JSON)
+            return Response(error("queue_full", str(exc), 503), 503, headers | _retry_after(503), JSON)
         except CallerLeft:
             log.info("caller left before the answer", request_id=request_id)
             return Response(status_code=499)
@@ -143,7 +143,7 @@ async def redis_unavailable(request: Request, exc: Exception) -> Response:
     log.warning("redis unavailable", error=type(exc).__name__, path=request.url.path)
     error = openai_error if request.url.path.startswith("/v1/") else _seed_error
     message = f"the queue's redis does not answer ({type(exc).__name__}); retry shortly"
-    return Response(error("redis_unavailable", message, 503), 503, {"retry-after": "1"}, JSON)
+    return Response(error("redis_unavailable", message, 503), 503, _retry_after(503), JSON)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -54,13 +54,11 @@ def _timed_out(exc: ReplyTimeout) -> Error:
 
 
 async def first_reply(request: Request, replies: AsyncIterator[Reply]) -> Reply:
-    """The first reply; a timeout becomes an ``error`` reply."""
-    try:
-        return await until_hangup(request, anext(replies))
-    except ReplyTimeout as exc:
-        return _timed_out(exc)
-    except StopAsyncIteration:
+    """The first reply; a timeout becomes an ``error`` reply, as later in the stream (:func:`_next`)."""
+    reply = await until_hangup(request, _next(replies))
+    if reply is None:
         return Error(request_id="", attempt=0, code=ErrorCode.INTERNAL, message="the reply stream ended without an answer")
+    return reply
 
 
 async def stream_body(first: Reply, replies: AsyncIterator[Reply], form: StreamFormat,

@@ -23,7 +23,7 @@ from llm_pool_contracts import Keys, decode_reply
 from llm_pool_gateway.auth import key_hash, new_api_key
 from llm_pool_worker.settings import Settings
 from scripts.localports import free_port, wait_for_port
-from tests.conftest import ROOT, RedisServer, StandIn, WorkerProcess, model_config
+from tests.conftest import ROOT, RedisServer, StandIn, WorkerProcess, model_config, worker_env
 from tests.helpers import marker
 
 pytestmark = pytest.mark.slow
@@ -79,30 +79,24 @@ def pool(redis_server: RedisServer, standin: StandIn, tmp_path_factory: pytest.T
     key = new_api_key()
     sync_redis.hset(Keys(settings.prefix).api_keys, key_hash(key), "acme")
     worker = WorkerProcess(settings, workdir / "worker.log")
-    gateway = start_gateway(settings, workdir / "gateway.log")
+    gateway, url = start_gateway(settings, workdir / "gateway.log")
     try:
         worker.wait_ready()
-        yield Pool(gateway, settings, key, config_key, sync_redis, standin)
+        yield Pool(url, settings, key, config_key, sync_redis, standin)
     finally:
         worker.stop()
-        stop(gateway_procs.pop())
+        stop(gateway)
         sync_redis.close()
 
 
-gateway_procs: list[subprocess.Popen[bytes]] = []
-
-
-def start_gateway(settings: Settings, log: Path) -> str:
-    from tests.conftest import worker_env
-
+def start_gateway(settings: Settings, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from llm_pool_worker.cli import main; main(sys.argv[1:])", "gateway", "--port", str(port)],
         env=worker_env(settings), stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
     )
-    gateway_procs.append(proc)
     wait_for_port(port)
-    return f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

@@ -63,13 +63,16 @@ class Price:
         return usage.prompt_tokens * self.input_per_token + usage.completion_tokens * self.output_per_token
 
 
-def litellm_version() -> str:
+def warn_drift(event: str, **fields: Any) -> None:
+    """One WARNING of a litellm that is not what the worker reads, with litellm's version: the
+    operator's first question about it (and what tests/test_litellm_drift.py counts)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("litellm")
+        installed = version("litellm")
     except PackageNotFoundError:
-        return "unknown"
+        installed = "unknown"
+    log.warning(event, litellm=installed, **fields)
 
 
 def describe_exc(exc: BaseException) -> str:
@@ -196,8 +199,8 @@ class ModelRouter:
         try:
             return install_transport(self.limits, split=lean_streams)
         except (ImportError, AttributeError, TypeError) as exc:
-            log.warning("this litellm lacks a hook of the worker's HTTP transport; serving on litellm's own path, "
-                        "without the worker's bounds on answers", litellm=litellm_version(), missing=describe_exc(exc))
+            warn_drift("this litellm lacks a hook of the worker's HTTP transport; serving on litellm's own path, "
+                       "without the worker's bounds on answers", missing=describe_exc(exc))
             return ProviderTransport(httpx.AsyncHTTPTransport(), self.limits, split=False)
 
     def _make_router(self, shared: SharedState | None, enforce: bool = True) -> Any:
@@ -229,8 +232,7 @@ class ModelRouter:
                         pass
                 answers.append(response)
         if missing := litellm_parts.missing(self._warming, answers, self._deployments.keys()):
-            log.warning("this litellm lacks parts the worker reads; serving without them", litellm=litellm_version(),
-                        missing=missing)
+            warn_drift("this litellm lacks parts the worker reads; serving without them", missing=missing)
         await self._check_lean_path()
         # Everything alive now (litellm's large import graph above all) lives as long as the process:
         # take it out of the collector's reach. A full collection then takes ~0.1 s instead of ~0.3 s,
@@ -248,8 +250,7 @@ class ModelRouter:
         except Exception as exc:  # noqa: BLE001  # whatever broke, the answer is the same: litellm's own path
             problem = f"the probe stream failed: {describe_exc(exc)}"
         if problem is not None:
-            log.warning("lean streams do not work with this litellm; serving streams on litellm's own path",
-                        litellm=litellm_version(), problem=problem)
+            warn_drift("lean streams do not work with this litellm; serving streams on litellm's own path", problem=problem)
             self.lean_streams = False
 
     async def _probe_lean_path(self) -> str | None:
@@ -278,8 +279,8 @@ class ModelRouter:
         if not self.lean_streams or not any(d.params.get("tpm") for d in self.config.deployments):
             return
         if litellm_parts.rate_limit_check(self._serving) is None:
-            log.warning("this litellm lacks the check that counts tokens against tpm; serving streams on litellm's "
-                        "own path", litellm=litellm_version(), missing="Router.optional_callbacks: ModelRateLimitingCheck")
+            warn_drift("this litellm lacks the check that counts tokens against tpm; serving streams on litellm's own path",
+                       missing="Router.optional_callbacks: ModelRateLimitingCheck")
             self.lean_streams = False
 
     @property
